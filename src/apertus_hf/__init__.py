@@ -1,0 +1,39 @@
+"""apertus_hf: the Hugging Face-native home of the Apertus architecture.
+
+Importing the package registers our config and model classes with the `transformers` Auto classes for model type
+`apertus`, so `AutoModelForCausalLM.from_pretrained(folder)` returns `apertus_hf.ApertusForCausalLM`. Without the
+import, the same folders load into `transformers`' built-in Apertus.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+from .configuration_apertus import PRESETS, ApertusConfig, InvalidApertusConfigError
+from .modeling_apertus import (
+    ApertusForCausalLM,
+    ApertusForSequenceClassification,
+    ApertusModel,
+    ApertusPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+# `apertus` is built into transformers, hence exist_ok: we replace its entries, and only those.
+AutoConfig.register(ApertusConfig.model_type, ApertusConfig, exist_ok=True)
+AutoModel.register(ApertusConfig, ApertusModel, exist_ok=True)
+AutoModelForCausalLM.register(ApertusConfig, ApertusForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(ApertusConfig, ApertusForSequenceClassification, exist_ok=True)
+
+__all__ = [
+    "PRESETS",
+    "ApertusConfig",
+    "ApertusForCausalLM",
+    "ApertusForSequenceClassification",
+    "ApertusModel",
+    "ApertusPreTrainedModel",
+    "InvalidApertusConfigError",
+]

@@ -1,0 +1,523 @@
+"""The Apertus decoder (Swiss AI, arXiv 2509.14233), written for training.
+
+Numerically the same function as `transformers.ApertusForCausalLM` and loading the same checkpoints (same
+parameter and buffer names), with two things the stock model does not do:
+
+- Packed rows stay document-masked whatever else is passed. `transformers` detects documents from restarting
+  `position_ids` only when there is neither an attention mask nor a cache; here a fresh forward pass (empty or
+  no cache) is document-masked on every attention backend also with a cache (the default in eval mode) or a
+  padding mask.
+- The pretraining initialisation of the Apertus runs (output projections scaled by 1/sqrt(2 * layers)) and an
+  `_init_weights` that covers every parameter and buffer, so `from_pretrained` with missing keys never leaves
+  memory uninitialised.
+
+Read top to bottom: xIELU, RMSNorm, rotary embedding, attention, MLP, decoder layer, pretrained base, model,
+heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_apertus import ApertusConfig
+
+
+class ApertusXIELU(nn.Module):
+    """xIELU activation (arXiv 2411.13010) with the Apertus constants.
+
+    Two learnable scalars stored before softplus, `alpha_p` and `alpha_n`; `beta` and `eps` are fixed buffers that
+    are saved with the weights (the release checkpoints contain them).
+
+        a_p = softplus(alpha_p)          a_n = beta + softplus(alpha_n)
+        x > 0 :  a_p * x^2 + beta * x
+        x <= 0:  a_n * (expm1(min(x, eps)) - x) + beta * x
+    """
+
+    alpha_p_init = 0.8
+    alpha_n_init = 0.8
+    beta_value = 0.5
+    eps_value = -1e-6
+
+    def __init__(self):
+        super().__init__()
+        self.alpha_p = nn.Parameter(torch.tensor([self.initial_alpha_p()]))
+        self.alpha_n = nn.Parameter(torch.tensor([self.initial_alpha_n()]))
+        self.beta = nn.Buffer(torch.tensor(self.beta_value))
+        self.eps = nn.Buffer(torch.tensor(self.eps_value))
+
+    @classmethod
+    def initial_alpha_p(cls) -> float:
+        """softplus^-1(0.8): the stored value that gives a_p = 0.8."""
+        return math.log(math.expm1(cls.alpha_p_init))
+
+    @classmethod
+    def initial_alpha_n(cls) -> float:
+        """softplus^-1(0.8 - beta): the stored value that gives a_n = beta + softplus(alpha_n) = 0.8."""
+        return math.log(math.expm1(cls.alpha_n_init - cls.beta_value))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        alpha_p = nn.functional.softplus(self.alpha_p)
+        alpha_n = self.beta + nn.functional.softplus(self.alpha_n)
+        linear_term = self.beta * hidden_states  # shared by both branches
+        positive = alpha_p * hidden_states * hidden_states + linear_term
+        negative = (torch.expm1(torch.min(hidden_states, self.eps)) - hidden_states) * alpha_n + linear_term
+        return torch.where(hidden_states > 0, positive, negative)
+
+
+class ApertusRMSNorm(nn.Module):
+    """RMSNorm computed in float32; the weight multiplies after the cast back to the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class ApertusRotaryEmbedding(nn.Module):
+    """RoPE with the frequencies of `config.rope_parameters` (Llama-3 scaling for Apertus).
+
+    Follows the library's rotary conventions (`rope_type`, `inv_freq`, `original_inv_freq`) so that
+    `PreTrainedModel._init_weights` recomputes the non-persistent buffers after a meta-device load.
+    """
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: ApertusConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: ApertusConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.resolved_head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (batch, seq) x (head_dim / 2) -> (batch, seq, head_dim / 2), angles in float32 whatever x's dtype
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate (batch, heads, seq, head_dim) queries and keys by (batch, seq, head_dim) cos/sin."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return (query * cos) + (rotate_half(query) * sin), (key * cos) + (rotate_half(key) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, head_dim) -> (batch, kv_heads * n_rep, seq, head_dim) for grouped-query attention."""
+    batch, num_key_value_heads, seq_len, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, seq_len, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class ApertusAttention(nn.Module):
+    """Grouped-query attention with QK-norm (one RMSNorm over head_dim for q and for k, applied before RoPE)."""
+
+    def __init__(self, config: ApertusConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.resolved_head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = ApertusRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = ApertusRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.o_proj.writes_to_residual_stream = True
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
+        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+
+        # (batch, seq, heads, head_dim) -> (batch, seq, heads * head_dim)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class ApertusMLP(nn.Module):
+    """The ungated Apertus MLP: down_proj(xIELU(up_proj(x)))."""
+
+    def __init__(self, config: ApertusConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj.writes_to_residual_stream = True
+        self.act_fn = ApertusXIELU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+
+
+class ApertusDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ApertusConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = ApertusAttention(config=config, layer_idx=layer_idx)
+        self.mlp = ApertusMLP(config)
+        self.attention_layernorm = ApertusRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.feedforward_layernorm = ApertusRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.attention_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.feedforward_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class ApertusPreTrainedModel(PreTrainedModel):
+    config: ApertusConfig
+    config_class = ApertusConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ApertusDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": ApertusDecoderLayer,
+        "attentions": ApertusAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The Apertus pretraining initialisation (SPEC §1), covering every parameter and buffer.
+
+        Normal(0, initializer_range) for embeddings, q/k/v, up_proj, LM head and classification heads; the output
+        projections (o_proj, down_proj) are scaled down by sqrt(2 * num_hidden_layers) so the residual stream
+        keeps its variance with depth. Norms start at one, xIELU at a_p = a_n = 0.8.
+        """
+        # `transformers` skips modules without parameters of their own when initialising custom code, so each
+        # leaf initialises itself; the output projections carry a marker set in their parent's __init__.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear) and getattr(module, "writes_to_residual_stream", False):
+            init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+        elif isinstance(module, ApertusXIELU):
+            init.constant_(module.beta, module.beta_value)
+            init.constant_(module.eps, module.eps_value)
+            init.constant_(module.alpha_p, module.initial_alpha_p())
+            init.constant_(module.alpha_n, module.initial_alpha_n())
+        else:
+            # Other linear layers (q/k/v, up_proj, LM head, score head), embeddings (pad row zeroed), norms and
+            # rotary buffers: the library's defaults with std = initializer_range are exactly the Apertus ones.
+            super()._init_weights(module)
+
+
+class ApertusModel(ApertusPreTrainedModel):
+    def __init__(self, config: ApertusConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [ApertusDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = ApertusRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = ApertusRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+
+        self.post_init()
+
+    @staticmethod
+    def document_mask_function(
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        batch_size: int,
+    ) -> Callable | None:
+        """A mask function keeping attention inside each packed document, where `transformers` would not add one.
+
+        `create_causal_mask` finds documents from restarting `position_ids` only without a 2D mask and without a
+        cache. A prefill (empty cache) or a padded batch of packed rows needs the same mask, so we build it from the
+        same document indices. Decoding steps (a non-empty cache) continue the last document and need none.
+        """
+        library_detects_documents = attention_mask is None and past_key_values is None
+        if position_ids is None or library_detects_documents:
+            return None
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            return None
+        document_ids = find_packed_sequence_indices(position_ids.expand(batch_size, -1))
+        if document_ids is None:
+            return None
+        last_index = document_ids.shape[-1] - 1
+
+        def same_document(batch_idx, head_idx, q_idx, kv_idx):
+            # A static cache makes kv longer than the prompt; those slots are causally masked anyway, the clamp
+            # only keeps the lookup in bounds.
+            kv_idx = torch.clamp(kv_idx, max=last_index)
+            return document_ids[batch_idx, q_idx] == document_ids[batch_idx, kv_idx]
+
+        return same_document
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+            and_mask_function=self.document_mask_function(
+                position_ids, attention_mask, past_key_values, inputs_embeds.shape[0]
+            ),
+        )
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class ApertusForCausalLM(ApertusPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: ApertusConfig):
+        super().__init__(config)
+        self.model = ApertusModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids to predict, unshifted (the loss shifts them); -100 marks positions left out of the loss.
+
+        ```python
+        >>> import torch
+        >>> from apertus_hf import ApertusConfig, ApertusForCausalLM
+        >>> model = ApertusForCausalLM(ApertusConfig.from_preset("tiny"))
+        >>> out = model(torch.tensor([[1, 17, 42]]), labels=torch.tensor([[1, 17, 42]]))
+        >>> out.logits.shape
+        torch.Size([1, 3, 1024])
+        ```"""
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class ApertusForSequenceClassification(GenericForSequenceClassification, ApertusPreTrainedModel):
+    """Apertus with a linear `score` head on the last non-padding token: the reward-model architecture."""
+
+
+__all__ = [
+    "ApertusForCausalLM",
+    "ApertusForSequenceClassification",
+    "ApertusModel",
+    "ApertusPreTrainedModel",
+    "ApertusXIELU",
+]

@@ -1,0 +1,62 @@
+"""Shared builders for tests: tiny configs and a stock `transformers` twin with identical weights."""
+
+import torch
+import transformers
+
+import apertus_hf
+
+TINY = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.05,
+    "rope_parameters": {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "original_max_position_embeddings": 32,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    },
+}
+
+
+def tiny_config(**overrides) -> apertus_hf.ApertusConfig:
+    return apertus_hf.ApertusConfig(**{**TINY, **overrides})
+
+
+def randomize_xielu(model: torch.nn.Module) -> None:
+    """Move the xIELU scalars off their initial values, so parity also covers trained activations."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+            if name.endswith("layernorm.weight") or name.endswith("_norm.weight"):
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+
+
+def model_pair(config: apertus_hf.ApertusConfig, attn_implementation: str = "eager"):
+    """Our ApertusForCausalLM and transformers' built-in one, with the same weights, in eval mode."""
+    ours = apertus_hf.ApertusForCausalLM(config)
+    randomize_xielu(ours)
+    stock_config = transformers.models.apertus.ApertusConfig(**config.to_diff_dict())
+    stock = transformers.models.apertus.ApertusForCausalLM(stock_config)
+    stock.load_state_dict(ours.state_dict(), strict=True)
+    ours.set_attn_implementation(attn_implementation)
+    stock.set_attn_implementation(attn_implementation)
+    return ours.eval(), stock.eval()
+
+
+def left_padded_batch(lengths: list[int], vocab_size: int, pad_token_id: int = 3):
+    """Token ids and attention mask of a left-padded batch (pads first, as for generation)."""
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length :] = torch.randint(4, vocab_size, (length,))
+        attention_mask[row, width - length :] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,22 @@
+"""The README's quickstart runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_starts_with_setup_and_test_commands():
+    first_block = re.search(r"```bash\n(.*?)```", README.read_text(), re.DOTALL).group(1)
+    commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
+    assert commands == ["make setup", "make test"]
+    assert (README.parent / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def test_readme_quickstart_runs(tmp_path, monkeypatch):
+    quickstart = README.read_text().split("## Quickstart", 1)[1]
+    code = re.search(r"```python\n(.*?)```", quickstart, re.DOTALL).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md quickstart", "exec"), {})
+    assert (tmp_path / "tiny-apertus" / "model.safetensors").exists()
+    assert (tmp_path / "tiny-apertus" / "config.json").exists()
