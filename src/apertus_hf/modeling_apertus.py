@@ -74,9 +74,11 @@ class ApertusXIELU(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         alpha_p = nn.functional.softplus(self.alpha_p)
         alpha_n = self.beta + nn.functional.softplus(self.alpha_n)
-        linear_term = self.beta * hidden_states  # shared by both branches
-        positive = alpha_p * hidden_states * hidden_states + linear_term
-        negative = (torch.expm1(torch.min(hidden_states, self.eps)) - hidden_states) * alpha_n + linear_term
+        # Same operations in the same order as transformers' XIELUActivation, so bf16 gradients match bit for bit.
+        positive = alpha_p * hidden_states * hidden_states + self.beta * hidden_states
+        negative = (
+            torch.expm1(torch.min(hidden_states, self.eps)) - hidden_states
+        ) * alpha_n + self.beta * hidden_states
         return torch.where(hidden_states > 0, positive, negative)
 
 
