@@ -2,7 +2,7 @@
 
 Both models get the same config, the same weights and the same batches, in the same run. Each measurement runs in
 its own spawned process so peak memory is not shared between them; the two are interleaved over several rounds
-and the median is reported, so drift of the machine affects both alike.
+in alternating order, and the median is reported, so drift of the machine affects both alike.
 
     python benchmarks/model_speed.py                  # CPU default (or GPU default when CUDA is present)
     python benchmarks/model_speed.py --device cuda --dtype bfloat16 --seq-len 4096 --hidden-size 2048 ...
@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1 if has_cuda else 2)
     parser.add_argument("--steps", type=int, default=10 if has_cuda else 6)
     parser.add_argument("--warmup", type=int, default=3 if has_cuda else 1)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurements of each implementation")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved measurements of each implementation")
     parser.add_argument("--json", help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -167,7 +167,10 @@ def main(argv: list[str] | None = None) -> dict:
 def measure_interleaved(args: argparse.Namespace) -> dict[str, list[dict]]:
     rounds: dict[str, list[dict]] = {"transformers": [], "apertus_hf": []}
     for round_index in range(args.rounds):
-        for implementation in rounds:
+        # Alternate which implementation goes first (A B, B A, ...) so that warm-up or drift of the machine favours
+        # neither.
+        order = list(rounds) if round_index % 2 == 0 else list(reversed(rounds))
+        for implementation in order:
             result = run_isolated(implementation, args)
             rounds[implementation].append(result)
             print(

@@ -222,8 +222,8 @@ class ApertusAttention(nn.Module):
         hidden_shape = (*input_shape, -1, self.head_dim)
 
         # (batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)
-        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2))
+        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2))
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
