@@ -13,6 +13,7 @@ from transformers import (
 )
 
 from .configuration_apertus import PRESETS, ApertusConfig, InvalidApertusConfigError
+from .data import goldfish_drop_mask
 from .modeling_apertus import (
     ApertusForCausalLM,
     ApertusForSequenceClassification,
@@ -36,4 +37,5 @@ __all__ = [
     "ApertusModel",
     "ApertusPreTrainedModel",
     "InvalidApertusConfigError",
+    "goldfish_drop_mask",
 ]
