@@ -66,6 +66,13 @@ def wsd_lr_factor(
     `transformers.get_wsd_schedule` and Megatron-LM), and stays there after it.
     """
     _check_wsd_arguments(warmup_steps, total_steps, decay_steps, min_lr_ratio, decay_shape)
+    return _wsd_factor(step, warmup_steps, total_steps, decay_steps, min_lr_ratio, decay_shape)
+
+
+def _wsd_factor(
+    step: int, warmup_steps: int, total_steps: int, decay_steps: int, min_lr_ratio: float, decay_shape: str
+) -> float:
+    """`wsd_lr_factor` on arguments already checked (the scheduler checks them once, not at every step)."""
     if step < warmup_steps:
         return step / warmup_steps
     decay_start = total_steps - decay_steps
@@ -124,7 +131,7 @@ class WSDSchedule(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float | torch.Tensor]:
-        factor = wsd_lr_factor(
+        factor = _wsd_factor(
             self.last_epoch, self.warmup_steps, self.total_steps, self.decay_steps, self.min_lr_ratio, self.decay_shape
         )
         return [base_lr * factor for base_lr in self.base_lrs]
