@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint benchmark clean
+.PHONY: setup pretrain test lint benchmark clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,15 +15,25 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The embedded default run; extra options go through ARGS, e.g. make pretrain ARGS="--max_steps 50". Without
+# --num_cpu_threads_per_process, `accelerate launch` would limit a non-CPU-config run to one CPU thread.
+CPU_COUNT := $(shell $(PYTHON) -c "import os; print(os.cpu_count())")
+ACCELERATE_ARGS ?= --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	--num_cpu_threads_per_process $(CPU_COUNT)
+pretrain: setup
+	$(BIN)/accelerate launch $(ACCELERATE_ARGS) recipes/pretrain.py $(ARGS)
+
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks recipes data
+	$(BIN)/ruff format --check src tests benchmarks recipes data
 
 test: lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 $(BIN)/python -m pytest -q
 
 benchmark: setup
 	$(BIN)/python benchmarks/model_speed.py
+	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache outputs

@@ -60,3 +60,32 @@ def left_padded_batch(lengths: list[int], vocab_size: int, pad_token_id: int = 3
         input_ids[row, width - length :] = torch.randint(4, vocab_size, (length,))
         attention_mask[row, width - length :] = 1
     return input_ids, attention_mask
+
+
+TINY_TOKENIZER_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Grüezi mitenand! Wie gaht's dir hüt?",
+    "Le chat dort sur la table, près de la fenêtre.",
+    "La gata duerme junto a la ventana abierta.",
+    "Der Zug nach Zürich fährt um acht Uhr ab.",
+    "Il treno per Lugano parte alle nove e mezza.",
+]
+
+
+def tiny_bpe_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on a few sentences: `<unk>`=0, `<s>`=1, `</s>`=2, `<pad>`=3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TINY_TOKENIZER_TEXTS * 4, trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )

@@ -6,11 +6,14 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_starts_with_setup_and_test_commands():
+def test_readme_starts_with_the_pretraining_and_test_commands():
     first_block = re.search(r"```bash\n(.*?)```", README.read_text(), re.DOTALL).group(1)
     commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
-    assert commands == ["make setup", "make test"]
+    assert commands == ["make pretrain", "make test"]
     assert (README.parent / ".ci" / "run").read_text().strip().endswith("make test")
+    makefile = (README.parent / "Makefile").read_text()
+    pretrain_recipe = makefile.split("\npretrain: setup\n", 1)[1].split("\n\n", 1)[0]
+    assert "accelerate launch $(ACCELERATE_ARGS) recipes/pretrain.py $(ARGS)" in pretrain_recipe
 
 
 def test_readme_quickstart_runs(tmp_path, monkeypatch):

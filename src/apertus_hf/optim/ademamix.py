@@ -218,7 +218,9 @@ def build_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        group = not_decayed if param.ndim < 2 or name.endswith(_NO_DECAY_SUFFIXES) else decayed
+        # Under DeepSpeed ZeRO-3 a parameter is a flat shard; its real shape is kept in `ds_shape`.
+        dimensions = len(getattr(param, "ds_shape", param.shape))
+        group = not_decayed if dimensions < 2 or name.endswith(_NO_DECAY_SUFFIXES) else decayed
         group["params"].append(param)
         group["param_names"].append(name)
     return [decayed, not_decayed]

@@ -1,0 +1,23 @@
+"""Pretrain an Apertus model: `accelerate launch [--config_file accelerate_configs/X.yaml] recipes/pretrain.py
+[--config recipes/configs/<size>/pretrain.yaml] [--key value ...]`.
+
+With no arguments it trains the embedded default (a small model on the corpus and tokenizer in data/). Every option
+is a field of `apertus_hf.pretraining.PretrainConfig`; `--help` lists them.
+"""
+
+from apertus_hf.pretraining import PretrainConfig, pretrain
+from apertus_hf.recipe_args import parse_recipe_args
+
+
+def main() -> None:
+    result = pretrain(parse_recipe_args(PretrainConfig))
+    if not result.is_main_process:
+        return
+    if result.interrupted:
+        print(f"Stopped at step {result.steps}; run the same command again to resume from {result.output_dir}.")
+    else:
+        print(f"Done: {result.steps} steps, {result.tokens_seen:,} tokens, model in {result.model_dir}.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Atomic, resumable checkpoints on top of `accelerator.save_state` / `load_state`.
+
+`save_state` writes into a folder in place, so a job killed mid-save leaves a folder that looks like a checkpoint
+but is not one. We therefore save into a hidden temporary folder, write a manifest (every file with its size) last,
+and only then rename the folder to `step_<N>`: a folder with that name and a valid manifest is complete. On resume the
+newest complete checkpoint that loads is used; incomplete or corrupt ones are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "checkpoint_manifest.json"
+_CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainingProgress:
+    """Where the run is: saved with every checkpoint (through `register_for_checkpointing`), so a resume continues
+    the same data stream at the same place."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batches_in_epoch: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def _manifest_problem(folder: Path) -> str | None:
+    """Why `folder` is not a complete checkpoint, or None when it is."""
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        return f"unreadable manifest ({error})"
+    for relative_path, size in files.items():
+        path = folder / relative_path
+        if not path.is_file():
+            return f"{relative_path} is missing"
+        if path.stat().st_size != size:
+            return f"{relative_path} has {path.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def checkpoint_folders(checkpoints_dir: str | Path) -> list[Path]:
+    """All `step_<N>` folders in `checkpoints_dir`, newest (highest step) first."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    named = [
+        (int(match.group(1)), path)
+        for path in checkpoints_dir.iterdir()
+        if (match := _CHECKPOINT_NAME.match(path.name))
+    ]
+    return [path for _, path in sorted(named, reverse=True)]
+
+
+def complete_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
+    """The complete checkpoints in `checkpoints_dir`, newest first; incomplete ones are logged and left out."""
+    complete = []
+    for folder in checkpoint_folders(checkpoints_dir):
+        problem = _manifest_problem(folder)
+        if problem is None:
+            complete.append(folder)
+        else:
+            logger.warning("Skipping checkpoint %s: %s.", folder, problem)
+    return complete
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoints_dir: str | Path, step: int, keep: int) -> Path:
+    """Save the full training state as `checkpoints_dir/step_<step>`, atomically; keep the newest `keep`.
+
+    Every process must call this (the state of each process is saved). Returns the checkpoint folder.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    final = checkpoints_dir / f"step_{step:08d}"
+    temporary = checkpoints_dir / f".step_{step:08d}.incomplete"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {
+            str(path.relative_to(temporary)): path.stat().st_size
+            for path in sorted(temporary.rglob("*"))
+            if path.is_file()
+        }
+        manifest_path = temporary / MANIFEST_NAME
+        with manifest_path.open("w") as handle:
+            json.dump({"step": step, "files": files}, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        _prune(checkpoints_dir, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(checkpoints_dir: Path, keep: int) -> None:
+    for folder in complete_checkpoints(checkpoints_dir)[keep:]:
+        shutil.rmtree(folder)
+    for leftover in checkpoints_dir.glob(".step_*.incomplete"):
+        shutil.rmtree(leftover)
+
+
+def load_latest_checkpoint(accelerator: Accelerator, checkpoints_dir: str | Path) -> Path | None:
+    """Load the newest complete checkpoint that loads; returns its folder, or None when there is none.
+
+    A checkpoint whose files fail to load (corrupted on disk although the sizes match) is reported and the previous
+    one is tried: `load_state` restores every piece of state, so a partial load is fully overwritten by the next.
+    """
+    for folder in complete_checkpoints(checkpoints_dir):
+        try:
+            accelerator.load_state(str(folder))
+        except Exception as error:  # any library's load error means the same: this checkpoint is unusable
+            logger.warning(
+                "Checkpoint %s could not be loaded (%s: %s); trying the previous one.",
+                folder,
+                type(error).__name__,
+                error,
+            )
+            continue
+        return folder
+    return None

@@ -1,0 +1,262 @@
+"""`PretrainConfig`: every option of the pretraining loop, with its help text.
+
+The defaults are the embedded default run: a small Apertus trained on the corpus and tokenizer shipped in `data/`,
+sized to finish in a few minutes on a 2-core CPU. The recipes in `recipes/configs/<size>/pretrain.yaml` override
+them up to Apertus-8B/70B with the values of the Apertus tech report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..configuration_apertus import PRESETS
+
+
+@dataclass
+class PretrainConfig:
+    # Run
+    output_dir: str = field(
+        default="outputs/pretrain-tiny",
+        metadata={"help": "Folder of the run: checkpoints/, the exported model (model/), metrics.jsonl and train.log."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the model initialisation and the data order."})
+    resume: bool = field(
+        default=True,
+        metadata={"help": "Resume from the latest complete checkpoint in output_dir/checkpoints when there is one."},
+    )
+
+    # Model
+    model_preset: str = field(
+        default="small", metadata={"help": f"ApertusConfig preset the model starts from: one of {sorted(PRESETS)}."}
+    )
+    model_overrides: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": (
+                "ApertusConfig fields set on top of the preset, e.g. {num_hidden_layers: 8}. The vocabulary size always "
+                "follows the tokenizer."
+            )
+        },
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Continue pretraining from this model folder or Hub id instead of a fresh initialisation "
+                "(model_preset and model_overrides are then ignored)."
+            )
+        },
+    )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": (
+                "Attention backend: sdpa, eager, flex_attention or flash_attention_2 (packed rows stay document-masked "
+                "on all of them)."
+            )
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    )
+
+    # Data
+    tokenizer: str = field(
+        default="data/tokenizer",
+        metadata={
+            "help": "Tokenizer folder or Hub id; its BOS/EOS/pad ids are used for packing and saved with the model."
+        },
+    )
+    data: list[dict[str, Any]] = field(
+        default_factory=lambda: [{"path": "data/corpus"}],
+        metadata={
+            "help": (
+                "Training sources, each a mapping with `path` (file, folder, glob or Hub dataset id) and optionally `weight`, "
+                "`text_column`, `split`, `name`, `format` (see apertus_hf.data.DataSource). Several sources are mixed by "
+                "weight."
+            )
+        },
+    )
+    eval_data: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata={
+            "help": (
+                "Held-out sources for evaluation, same format as `data`. Empty: hold out `eval_documents` documents of "
+                "`data` instead."
+            )
+        },
+    )
+    eval_documents: int = field(
+        default=32,
+        metadata={"help": "Documents of `data` held out for evaluation when `eval_data` is empty (0: no evaluation)."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Stream the data with datasets.IterableDataset instead of tokenizing it up front (for corpora larger than "
+                "RAM). A resume then re-reads the consumed part of the stream to find its place."
+            )
+        },
+    )
+    on_bad_record: Literal["error", "skip"] = field(
+        default="error",
+        metadata={
+            "help": "What a malformed record does: `error` stops with its file and line, `skip` skips and counts it."
+        },
+    )
+    seq_len: int = field(default=256, metadata={"help": "Tokens per packed row."})
+    tokenization_processes: int | None = field(
+        default=None,
+        metadata={"help": "Processes for tokenization (datasets num_proc); None tokenizes in the main process."},
+    )
+
+    # Goldfish loss
+    goldfish: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Apply the Goldfish loss (Hans et al. 2024; SPEC §3): leave out about 1/k of the targets, chosen by a hash "
+                "of the h preceding label ids, so that no passage is learned verbatim."
+            )
+        },
+    )
+    goldfish_k: int = field(default=50, metadata={"help": "Goldfish drop frequency: about 1 target in k is dropped."})
+    goldfish_h: int = field(
+        default=50, metadata={"help": "Goldfish context width: the number of label ids hashed per decision."}
+    )
+
+    # Batch
+    per_device_batch_size: int = field(default=16, metadata={"help": "Packed rows per device and micro-batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    batch_ramp: list[list[int]] = field(
+        default_factory=list,
+        metadata={
+            "help": (
+                "Batch-size ramp as [[step, gradient_accumulation_steps], ...]: from each optimizer step on, use that many "
+                "micro-batches (Apertus doubles its global batch mid-run, keeping the learning rate)."
+            )
+        },
+    )
+
+    # Optimizer
+    optimizer: Literal["ademamix", "adamw"] = field(
+        default="ademamix", metadata={"help": "AdEMAMix (the Apertus recipe) or torch AdamW."}
+    )
+    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(
+        default=0.1,
+        metadata={
+            "help": "Decoupled weight decay; norms and xIELU scalars are excluded, embeddings and LM head decay."
+        },
+    )
+    adam_beta1: float = field(default=0.9, metadata={"help": "beta1 (fast EMA of the gradient)."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "beta2 (EMA of the squared gradient)."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "Epsilon added to the denominator."})
+    ademamix_beta3: float = field(default=0.9999, metadata={"help": "AdEMAMix final beta3 (slow EMA of the gradient)."})
+    ademamix_alpha: float = field(default=8.0, metadata={"help": "AdEMAMix final alpha (weight of the slow EMA)."})
+    ademamix_warmup_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps over which alpha and beta3 warm up (Apertus: 100k). None: the whole run."},
+    )
+    max_grad_norm: float = field(
+        default=0.1, metadata={"help": "Gradient clipping by global norm (Apertus: 0.1); 0 disables it."}
+    )
+
+    # Schedule (warmup-stable-decay)
+    max_steps: int = field(default=150, metadata={"help": "Optimizer steps of the run."})
+    warmup_steps: int = field(default=15, metadata={"help": "Linear warmup steps from 0 to the peak learning rate."})
+    decay_fraction: float = field(
+        default=0.2, metadata={"help": "Fraction of the run spent in the final cooldown (Apertus: ~0.11)."}
+    )
+    decay_shape: Literal["1-sqrt", "linear", "cosine"] = field(
+        default="1-sqrt", metadata={"help": "Shape of the cooldown."}
+    )
+    min_lr_ratio: float = field(
+        default=0.1, metadata={"help": "Learning rate at the end of the cooldown, as a fraction of the peak."}
+    )
+
+    stop_at_step: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Save a checkpoint and stop after this optimizer step, e.g. to fit a cluster job's time slot; "
+                "relaunching without it continues the same run (Megatron-LM's --exit-interval)."
+            )
+        },
+    )
+
+    # Logging, evaluation, checkpoints
+    logging_steps: int = field(default=10, metadata={"help": "Log metrics every this many optimizer steps."})
+    eval_steps: int = field(
+        default=50, metadata={"help": "Evaluate every this many optimizer steps (and at the end); 0 only at the end."}
+    )
+    max_eval_batches: int | None = field(
+        default=8, metadata={"help": "Cap on evaluation micro-batches per evaluation; None: all."}
+    )
+    checkpoint_steps: int = field(
+        default=50, metadata={"help": "Save a resumable checkpoint every this many optimizer steps; 0 disables."}
+    )
+    keep_checkpoints: int = field(
+        default=2, metadata={"help": "Complete checkpoints to keep (older ones are deleted)."}
+    )
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Accelerate trackers to log to besides metrics.jsonl, e.g. [tensorboard] or [wandb]."},
+    )
+    peak_flops_per_device: float | None = field(
+        default=None,
+        metadata={"help": "Peak FLOP/s of one device for MFU; None: looked up from the GPU name (no MFU on CPU)."},
+    )
+    progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm progress bar on the main process."})
+
+    def __post_init__(self):
+        positive = (
+            "seq_len",
+            "per_device_batch_size",
+            "gradient_accumulation_steps",
+            "max_steps",
+            "logging_steps",
+            "keep_checkpoints",
+            "goldfish_k",
+            "goldfish_h",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        for name in ("eval_steps", "checkpoint_steps", "eval_documents", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 disables it).")
+        if self.model_preset not in PRESETS:
+            raise ValueError(f"model_preset={self.model_preset!r} is not a preset; choose one of {sorted(PRESETS)}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate={self.learning_rate} must be a positive number.")
+        if self.warmup_steps + round(self.decay_fraction * self.max_steps) > self.max_steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} plus the cooldown ({self.decay_fraction} x max_steps="
+                f"{self.max_steps}) exceed max_steps; shorten the warmup or lower decay_fraction."
+            )
+        if not self.data:
+            raise ValueError("data is empty; give at least one source, e.g. [{path: data/corpus}].")
+        for sources_name in ("data", "eval_data"):
+            for source in getattr(self, sources_name):
+                if "path" not in source:
+                    raise ValueError(f"Every entry of {sources_name} needs a `path`; got {source!r}.")
+        previous_step = 0
+        for entry in self.batch_ramp:
+            if len(entry) != 2 or entry[0] <= previous_step or entry[1] < 1:
+                raise ValueError(
+                    f"batch_ramp={self.batch_ramp} must list [step, gradient_accumulation_steps] pairs with "
+                    "increasing steps > 0 and accumulation steps >= 1."
+                )
+            previous_step = entry[0]
+
+    def gradient_accumulation_at(self, step: int) -> int:
+        """Micro-batches of optimizer step `step` (0-based), following `batch_ramp`."""
+        accumulation = self.gradient_accumulation_steps
+        for ramp_step, ramp_accumulation in self.batch_ramp:
+            if step >= ramp_step:
+                accumulation = ramp_accumulation
+        return accumulation
