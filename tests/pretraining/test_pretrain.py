@@ -16,6 +16,7 @@ from accelerate.state import AcceleratorState
 from transformers import AutoTokenizer
 
 from apertus_hf.pretraining import PretrainConfig, complete_checkpoints, pretrain, read_metrics
+from apertus_hf.recipe_args import parse_recipe_args
 from tests.pretraining.conftest import SHIPPED_TOKENIZER, run_recipe, tiny_run, write_recipe
 
 
@@ -74,6 +75,9 @@ def test_training_learns_and_exports_a_model_that_stock_transformers_loads(tmp_p
     model_dir = result.model_dir
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
         assert (model_dir / name).is_file(), name
+    # The recipe travels with the model and reproduces the run's options.
+    saved = parse_recipe_args(PretrainConfig, ["--config", str(model_dir / "pretrain_config.yaml")])
+    assert saved == config
     generation_config = json.loads((model_dir / "generation_config.json").read_text())
     assert (generation_config["bos_token_id"], generation_config["eos_token_id"]) == (1, 2)
     # Stock transformers, without apertus_hf imported, loads the folder and generates.
@@ -239,3 +243,31 @@ def test_bad_options_fail_before_training(tmp_path, small_corpus):
         PretrainConfig(**tiny_run(tmp_path / "c", small_corpus, warmup_steps=12))
     with pytest.raises(ValueError, match="batch_ramp"):
         PretrainConfig(**tiny_run(tmp_path / "d", small_corpus, batch_ramp=[[4, 2], [2, 4]]))
+
+
+def test_a_streamed_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path, small_corpus):
+    """Streaming reads the corpus lazily (datasets.IterableDataset); a resume finds its place in the stream again."""
+    options = {"streaming": True, "max_steps": 8, "checkpoint_steps": 0, "eval_steps": 4, "warmup_steps": 2}
+    uninterrupted = pretrain(PretrainConfig(**tiny_run(tmp_path / "uninterrupted", small_corpus, **options)))
+    AcceleratorState._reset_state(True)
+    stopped = pretrain(PretrainConfig(**tiny_run(tmp_path / "resumed", small_corpus, stop_at_step=5, **options)))
+    assert stopped.interrupted and stopped.steps == 5
+    AcceleratorState._reset_state(True)
+    resumed = pretrain(PretrainConfig(**tiny_run(tmp_path / "resumed", small_corpus, **options)))
+    assert not resumed.interrupted
+    assert _losses(resumed.output_dir) == _losses(uninterrupted.output_dir)
+    assert resumed.final_eval_loss == uninterrupted.final_eval_loss
+
+
+def test_metrics_also_go_to_accelerate_trackers(tmp_path, small_corpus):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    options = tiny_run(
+        tmp_path / "run", small_corpus, max_steps=4, eval_steps=2, checkpoint_steps=0, report_to=["tensorboard"]
+    )
+    result = pretrain(PretrainConfig(**options))
+    (event_file,) = (result.output_dir / "apertus-pretraining").glob("events.out.tfevents.*")
+    events = event_accumulator.EventAccumulator(str(event_file))
+    events.Reload()
+    logged = {event.step: event.value for event in events.Scalars("train/loss")}
+    assert logged == pytest.approx(_losses(result.output_dir), rel=1e-6)
+    assert [event.step for event in events.Scalars("eval/loss")] == [2, 4]

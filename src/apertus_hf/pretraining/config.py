@@ -145,7 +145,7 @@ class PretrainConfig:
     optimizer: Literal["ademamix", "adamw"] = field(
         default="ademamix", metadata={"help": "AdEMAMix (the Apertus recipe) or torch AdamW."}
     )
-    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=1e-2, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(
         default=0.1,
         metadata={
@@ -166,8 +166,8 @@ class PretrainConfig:
     )
 
     # Schedule (warmup-stable-decay)
-    max_steps: int = field(default=150, metadata={"help": "Optimizer steps of the run."})
-    warmup_steps: int = field(default=15, metadata={"help": "Linear warmup steps from 0 to the peak learning rate."})
+    max_steps: int = field(default=180, metadata={"help": "Optimizer steps of the run."})
+    warmup_steps: int = field(default=18, metadata={"help": "Linear warmup steps from 0 to the peak learning rate."})
     decay_fraction: float = field(
         default=0.2, metadata={"help": "Fraction of the run spent in the final cooldown (Apertus: ~0.11)."}
     )
@@ -191,13 +191,13 @@ class PretrainConfig:
     # Logging, evaluation, checkpoints
     logging_steps: int = field(default=10, metadata={"help": "Log metrics every this many optimizer steps."})
     eval_steps: int = field(
-        default=50, metadata={"help": "Evaluate every this many optimizer steps (and at the end); 0 only at the end."}
+        default=60, metadata={"help": "Evaluate every this many optimizer steps (and at the end); 0 only at the end."}
     )
     max_eval_batches: int | None = field(
         default=8, metadata={"help": "Cap on evaluation micro-batches per evaluation; None: all."}
     )
     checkpoint_steps: int = field(
-        default=50, metadata={"help": "Save a resumable checkpoint every this many optimizer steps; 0 disables."}
+        default=60, metadata={"help": "Save a resumable checkpoint every this many optimizer steps; 0 disables."}
     )
     keep_checkpoints: int = field(
         default=2, metadata={"help": "Complete checkpoints to keep (older ones are deleted)."}

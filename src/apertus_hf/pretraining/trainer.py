@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 # DeepSpeed picks its accelerator at import time; without a GPU it must be told to use the CPU one. Set before
 # accelerate imports deepspeed, and only as a default so a user's own setting wins.
@@ -286,9 +287,18 @@ def evaluate(model, loader, accelerator: Accelerator, max_batches: int | None) -
     return (loss_sum / targets.clamp(min=1)).item()
 
 
-def _export(model, tokenizer, accelerator: Accelerator, model_dir: Path) -> None:
-    """A plain `transformers` folder (safetensors, config, generation config, tokenizer); consolidated under
-    ZeRO-3 (the accelerate config must set `zero3_save_16bit_model: true`)."""
+RECIPE_FILE_NAME = "pretrain_config.yaml"
+
+
+def _write_recipe(config: PretrainConfig, folder: Path) -> None:
+    """The resolved options of the run, loadable again with `--config` (and read by the model card)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RECIPE_FILE_NAME).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+
+def _export(model, tokenizer, config: PretrainConfig, accelerator: Accelerator, model_dir: Path) -> None:
+    """A plain `transformers` folder (safetensors, config, generation config, tokenizer, the recipe); consolidated
+    under ZeRO-3 (the accelerate config must set `zero3_save_16bit_model: true`)."""
     state_dict = accelerator.get_state_dict(model)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(
@@ -296,6 +306,7 @@ def _export(model, tokenizer, accelerator: Accelerator, model_dir: Path) -> None
     )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(model_dir)
+        _write_recipe(config, model_dir)
     accelerator.wait_for_everyone()
 
 
@@ -348,6 +359,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     """Run (or resume) the pretraining described by `config`; see PretrainConfig for every option."""
     accelerator = _build_accelerator(config)
     _setup_logging(config, accelerator)
+    if accelerator.is_main_process:
+        _write_recipe(config, Path(config.output_dir))
     output_dir = Path(config.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     logger.info(
@@ -405,7 +418,10 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             metrics.truncate_after(progress.step)
             _warn_about_changed_schedule(scheduler.scheduler, config)
     if config.report_to:
-        accelerator.init_trackers(output_dir.name, config=_flat_config(config))
+        # TensorBoard writes to output_dir/apertus-pretraining/; W&B and others show the run under its folder name.
+        accelerator.init_trackers(
+            "apertus-pretraining", config=_flat_config(config), init_kwargs={"wandb": {"name": output_dir.name}}
+        )
 
     unwrapped_config = accelerator.unwrap_model(model).config
     flops_per_token = training_flops_per_token(unwrapped_config, config.seq_len)
@@ -507,7 +523,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     model_dir = None
     if not interrupted:
         model_dir = output_dir / "model"
-        _export(model, tokenizer, accelerator, model_dir)
+        _export(model, tokenizer, config, accelerator, model_dir)
         logger.info("Exported the model to %s.", model_dir)
     else:
         logger.warning(
