@@ -3,7 +3,7 @@
 from .checkpointing import TrainingProgress, complete_checkpoints, load_latest_checkpoint, save_checkpoint
 from .config import PretrainConfig
 from .metrics import read_metrics, training_flops_per_token
-from .trainer import PretrainResult, evaluate, pretrain
+from .trainer import PretrainResult, evaluate, pretrain, pretraining_model_config
 
 __all__ = [
     "PretrainConfig",
@@ -13,6 +13,7 @@ __all__ = [
     "evaluate",
     "load_latest_checkpoint",
     "pretrain",
+    "pretraining_model_config",
     "read_metrics",
     "save_checkpoint",
     "training_flops_per_token",

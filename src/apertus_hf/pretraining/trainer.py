@@ -182,27 +182,32 @@ def _build_datasets(config: PretrainConfig, tokenizer: PreTrainedTokenizerBase, 
     return train_rows, eval_rows
 
 
+def pretraining_model_config(
+    preset: str, overrides: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seq_len: int
+) -> ApertusConfig:
+    """The ApertusConfig of a fresh model: `preset` plus `overrides`, with the vocabulary and special ids of
+    `tokenizer`, and room for rows of `seq_len` positions."""
+    preset_positions = ApertusConfig.from_preset(preset).max_position_embeddings
+    return ApertusConfig.from_preset(
+        preset,
+        **{
+            **overrides,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "max_position_embeddings": max(overrides.get("max_position_embeddings", preset_positions), seq_len),
+        },
+    )
+
+
 def _build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
     if config.init_from:
         model = AutoModelForCausalLM.from_pretrained(
             config.init_from, dtype=torch.float32, attn_implementation=config.attn_implementation
         )
     else:
-        model_config = ApertusConfig.from_preset(
-            config.model_preset,
-            **{
-                **config.model_overrides,
-                "vocab_size": len(tokenizer),
-                "bos_token_id": tokenizer.bos_token_id,
-                "eos_token_id": tokenizer.eos_token_id,
-                "pad_token_id": tokenizer.pad_token_id,
-                "max_position_embeddings": max(
-                    config.model_overrides.get("max_position_embeddings", 0),
-                    ApertusConfig.from_preset(config.model_preset).max_position_embeddings,
-                    config.seq_len,
-                ),
-            },
-        )
+        model_config = pretraining_model_config(config.model_preset, config.model_overrides, tokenizer, config.seq_len)
         model_config._attn_implementation = config.attn_implementation
         # from_config (not the class itself) so that DeepSpeed ZeRO-3 can build the model already sharded.
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
@@ -463,9 +468,10 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             for index, batch in enumerate(micro_batches):
                 is_last = index == accumulation - 1
                 with accelerator.no_sync(model) if not is_last else contextlib.nullcontext():
-                    outputs = model(**batch, use_cache=False, num_items_in_batch=global_targets)
-                    accelerator.backward(outputs.loss * accelerator.num_processes * accumulation)
-                step_loss += outputs.loss.detach()
+                    # Keep only the loss: holding the model output would keep the logits alive through backward.
+                    loss = model(**batch, use_cache=False, num_items_in_batch=global_targets).loss
+                    accelerator.backward(loss * accelerator.num_processes * accumulation)
+                step_loss += loss.detach()
             grad_norm = None
             if config.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
