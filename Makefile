@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed,post-training]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed,post-training,eval]"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -24,8 +24,8 @@ pretrain: setup
 	$(BIN)/accelerate launch $(ACCELERATE_ARGS) recipes/pretrain.py $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks recipes data
-	$(BIN)/ruff format --check src tests benchmarks recipes data
+	$(BIN)/ruff check src tests benchmarks recipes data eval
+	$(BIN)/ruff format --check src tests benchmarks recipes data eval
 
 test: lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 $(BIN)/python -m pytest -q

@@ -1,4 +1,6 @@
-"""Fixtures of the pretraining tests: a small corpus cut from the shipped one, and tiny run configs."""
+"""Fixtures of the pretraining tests: a small corpus cut from the shipped one, tiny run configs, and the toy
+memorization models (trained with and without Goldfish; their session fixtures are in tests/conftest.py, shared
+with the memorization audit)."""
 
 import json
 import os
@@ -7,6 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState
+from transformers import AutoTokenizer
+
+from apertus_hf.pretraining import PretrainConfig, pretrain
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_TOKENIZER = REPO_ROOT / "data" / "tokenizer"
@@ -68,3 +74,50 @@ def run_recipe(args: list[str], launcher: list[str] | None = None, **kwargs) -> 
     return subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
     )
+
+
+# The toy memorization setup: a model trained for 150 steps on four passages (one per language) memorizes them.
+MEMORIZATION_SEQ_LEN = 64
+MEMORIZATION_LANGUAGES = ("en", "fr", "it", "es")
+
+
+def write_memorization_passages(folder: Path, document_index: int = 0) -> tuple[Path, list[str]]:
+    """`folder/passages.jsonl`: one passage per language, cut from line `document_index` of its shipped corpus file,
+    of exactly MEMORIZATION_SEQ_LEN - 2 tokens, so that with <s> and </s> each fills one packed row."""
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
+    texts = []
+    for language in MEMORIZATION_LANGUAGES:
+        lines = (REPO_ROOT / "data" / "corpus" / f"{language}.jsonl").read_text().splitlines()
+        ids = tokenizer(json.loads(lines[document_index])["text"], add_special_tokens=False)["input_ids"]
+        # A cut can re-encode differently at its edges; take the first window that round-trips exactly.
+        for start in range(len(ids) - MEMORIZATION_SEQ_LEN):
+            window = ids[start : start + MEMORIZATION_SEQ_LEN - 2]
+            if tokenizer(tokenizer.decode(window), add_special_tokens=False)["input_ids"] == window:
+                texts.append(tokenizer.decode(window))
+                break
+    assert len(texts) == len(MEMORIZATION_LANGUAGES)
+    path = folder / "passages.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return path, texts
+
+
+def train_toy_memorization_model(output_dir: Path, corpus: Path, goldfish: bool) -> Path:
+    """Train the toy model on `corpus` for many epochs (Goldfish k=4, h=8 when `goldfish`); its exported folder."""
+    AcceleratorState._reset_state(True)
+    options = tiny_run(
+        output_dir,
+        corpus,
+        model_overrides={"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2},
+        seq_len=MEMORIZATION_SEQ_LEN,
+        eval_documents=0,
+        checkpoint_steps=0,
+        max_steps=150,
+        warmup_steps=10,
+        learning_rate=1e-2,
+        goldfish=goldfish,
+        goldfish_k=4,
+        goldfish_h=8,
+    )
+    result = pretrain(PretrainConfig(**options))
+    AcceleratorState._reset_state(True)
+    return Path(result.model_dir)

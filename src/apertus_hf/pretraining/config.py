@@ -212,6 +212,18 @@ class PretrainConfig:
     )
     progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm progress bar on the main process."})
 
+    # Publishing
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Hub repo id (ORG/NAME) to publish the exported model to, with its model card "
+                "(apertus_hf.hub.publish; needs a token, e.g. `hf auth login`)."
+            )
+        },
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+
     def __post_init__(self):
         positive = (
             "seq_len",
@@ -233,6 +245,11 @@ class PretrainConfig:
             raise ValueError(f"model_preset={self.model_preset!r} is not a preset; choose one of {sorted(PRESETS)}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate={self.learning_rate} must be a positive number.")
+        if not 0.0 < self.decay_fraction <= 1.0 or round(self.decay_fraction * self.max_steps) < 1:
+            raise ValueError(
+                f"decay_fraction={self.decay_fraction} x max_steps={self.max_steps} must give at least one cooldown "
+                "step (and decay_fraction must be in (0, 1]); raise decay_fraction or max_steps."
+            )
         if self.warmup_steps + round(self.decay_fraction * self.max_steps) > self.max_steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} plus the cooldown ({self.decay_fraction} x max_steps="

@@ -531,6 +531,13 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         model_dir = output_dir / "model"
         _export(model, tokenizer, config, accelerator, model_dir)
         logger.info("Exported the model to %s.", model_dir)
+        if config.push_to_hub and accelerator.is_main_process:
+            # Imported here: apertus_hf.hub reads the recipe file name from this module.
+            from ..hub import publish
+
+            published = publish(model_dir, config.push_to_hub, private=config.hub_private)
+            logger.info("Published %s to the Hub: %s", model_dir, published.commit_url)
+        accelerator.wait_for_everyone()
     else:
         logger.warning(
             "Stopped at step %d of %d; relaunch the same command to resume.", progress.step, config.max_steps
