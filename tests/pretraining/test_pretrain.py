@@ -166,8 +166,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_with_exactly_the_losses_of_an_u
     assert process.returncode == -signal.SIGKILL
     last_logged = max(_losses(killed))
     assert last_logged < 40, "the run finished before it was killed; the test needs a slower run"
-    newest_checkpoint = complete_checkpoints(killed / "checkpoints")[0]
-    assert newest_checkpoint.name == f"step_{last_logged // 5 * 5:08d}"
+    # The kill may land during the save that follows the last logged step; then the one before is the newest.
+    newest_step = int(complete_checkpoints(killed / "checkpoints")[0].name.removeprefix("step_"))
+    assert newest_step in {last_logged // 5 * 5, last_logged // 5 * 5 - 5} and newest_step >= 5
 
     resumed = run_recipe(["--config", str(recipe)])
     output = resumed.communicate(timeout=300)[0]

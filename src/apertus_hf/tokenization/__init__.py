@@ -1,5 +1,6 @@
-"""Apertus tokenizer: the special-token layout and byte-level BPE training."""
+"""Apertus tokenizer: the real tekken v3 tokenizer with its chat template, the special-token layout, and BPE training."""
 
+from .apertus import APERTUS_CHAT_TEMPLATE, apertus_generation_config, load_apertus_tokenizer
 from .special_tokens import (
     BOS_TOKEN,
     BOS_TOKEN_ID,
@@ -24,6 +25,7 @@ from .training import (
 )
 
 __all__ = [
+    "APERTUS_CHAT_TEMPLATE",
     "BOS_TOKEN",
     "BOS_TOKEN_ID",
     "EOS_TOKEN",
@@ -37,9 +39,11 @@ __all__ = [
     "UNK_TOKEN",
     "UNK_TOKEN_ID",
     "CorpusTokenStatistics",
+    "apertus_generation_config",
     "corpus_files",
     "corpus_token_statistics",
     "iter_corpus_texts",
+    "load_apertus_tokenizer",
     "special_token_layout",
     "train_bpe_tokenizer",
 ]

@@ -1,0 +1,165 @@
+"""The real Apertus tokenizer, built offline from Mistral-Nemo's tekken v3, with the Apertus chat template.
+
+Apertus' BPE is tekken v3 (`tekken_240718.json`, shipped inside the `mistral-common` wheel): ordinary token id =
+1000 + tekken rank, vocabulary 131,072, and ids 0..999 are the Apertus special slots (`special_tokens.py`, SPEC §2).
+`transformers`' `MistralConverter` already turns the tekken ranks into a `tokenizers` BPE with exactly these ids
+(the same ids as mistral-common's own `Tekkenizer`); only the names of the 1000 special slots differ, so they are
+renamed to the Apertus layout here.
+"""
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, processors
+from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers.integrations.mistral.tokenizer import MistralConverter
+
+from .special_tokens import (
+    ASSISTANT_END_TOKEN_ID,
+    BOS_TOKEN,
+    BOS_TOKEN_ID,
+    EOS_TOKEN,
+    EOS_TOKEN_ID,
+    NUM_SPECIAL_TOKENS,
+    PAD_TOKEN,
+    PAD_TOKEN_ID,
+    SPECIAL_TOKENS,
+    TOOLS_SUFFIX_TOKEN_ID,
+    UNK_TOKEN,
+)
+
+APERTUS_VOCAB_SIZE = 131072
+APERTUS_MODEL_MAX_LENGTH = 65536
+TEKKEN_VERSION = "v3"
+TEKKEN_FILE_NAME = "tekken_240718.json"
+MISTRAL_COMMON_INSTALL = "pip install 'mistral-common>=1.5'"
+
+APERTUS_DEFAULT_SYSTEM_PROMPT = "You are Apertus, a helpful assistant created by the SwissAI initiative."
+"""Rendered when a conversation has no system message.
+
+Public uses of the released Apertus instruct template show this default system prompt (followed there by a
+"Knowledge cutoff" and a "Current date: <today>" line); the date lines are left out so that the same conversation
+always renders to the same tokens, which training data needs.
+"""
+
+# SPEC §2. Only plain-text system/user/assistant turns: reasoning (`<|inner_prefix|>`..`<|inner_suffix|>`) and tool
+# calls (`<|tools_prefix|>`..`<|tools_suffix|>`) are not rendered, and the developer block always says both are
+# disabled. `{% generation %}` marks the assistant answer plus its `<|assistant_end|>` (the model must learn to stop)
+# for `apply_chat_template(..., return_assistant_tokens_mask=True)`.
+APERTUS_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_message = messages[0]['content'] -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    f"{{%- set system_message = {APERTUS_DEFAULT_SYSTEM_PROMPT!r} -%}}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "<|system_start|>{{ system_message }}<|system_end|>"
+    "<|developer_start|>Deliberation: disabled\nTool Capabilities: disabled<|developer_end|>"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "<|user_start|>{{ message['content'] }}<|user_end|>"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "<|assistant_start|>{% generation %}{{ message['content'] }}<|assistant_end|>{% endgeneration %}"
+    "{%- else -%}"
+    "{{- raise_exception('Unsupported message role ' ~ message['role'] ~ ' at position ' ~ loop.index0 ~ "
+    "' after the optional leading system message; the Apertus template renders only user and assistant turns "
+    "there.') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant_start|>{%- endif -%}"
+)
+
+
+def default_tekken_path() -> Path:
+    """The tekken v3 file shipped inside the installed `mistral-common` wheel."""
+    try:
+        import mistral_common
+    except ImportError as error:
+        raise ImportError(
+            f"The Apertus tokenizer is built from Mistral-Nemo's tekken v3 ({TEKKEN_FILE_NAME}), which ships with "
+            f"mistral-common; install it with `{MISTRAL_COMMON_INSTALL}` or pass tekken_path=... to a local copy."
+        ) from error
+    return Path(mistral_common.__file__).parent / "data" / TEKKEN_FILE_NAME
+
+
+def _check_tekken_v3(path: Path) -> None:
+    """Raise unless `path` is a tekken v3 file with Apertus' vocabulary layout."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Tekken file {path} does not exist; pass the path to {TEKKEN_FILE_NAME}.")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a tekken tokenizer file (JSON with a 'config' object): {error}") from error
+    expected = {
+        "version": TEKKEN_VERSION,
+        "default_vocab_size": APERTUS_VOCAB_SIZE,
+        "default_num_special_tokens": NUM_SPECIAL_TOKENS,
+    }
+    for key, value in expected.items():
+        if config.get(key) != value:
+            raise ValueError(
+                f"{path} has config {key}={config.get(key)!r}, but the Apertus tokenizer needs tekken {TEKKEN_VERSION} "
+                f"with {key}={value!r}; use Mistral-Nemo's {TEKKEN_FILE_NAME} (in `{MISTRAL_COMMON_INSTALL}`)."
+            )
+
+
+def load_apertus_tokenizer(tekken_path: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """Build the Apertus tokenizer offline from tekken v3 (a few seconds).
+
+    Ordinary ids are 1000 + tekken rank (the first 130,072 ranks), ids 0..999 carry the Apertus special-token names,
+    encoding prepends `<s>` and appends nothing, and `chat_template` is `APERTUS_CHAT_TEMPLATE`.
+
+    Args:
+        tekken_path: a tekken v3 JSON file; default: `tekken_240718.json` from the installed `mistral-common`.
+    """
+    path = Path(tekken_path) if tekken_path is not None else default_tekken_path()
+    _check_tekken_v3(path)
+
+    converted = json.loads(MistralConverter(str(path)).converted().to_str())
+    # Rename Mistral's special slots (`[INST]`, `<SPECIAL_n>`, ...) to Apertus' names at the same ids.
+    vocab = converted["model"]["vocab"]
+    for name in [name for name, token_id in vocab.items() if token_id < NUM_SPECIAL_TOKENS]:
+        del vocab[name]
+    vocab.update({name: token_id for token_id, name in SPECIAL_TOKENS.items()})
+    for added_token in converted["added_tokens"]:
+        added_token["content"] = SPECIAL_TOKENS[added_token["id"]]
+    tokenizer = Tokenizer.from_str(json.dumps(converted))
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS_TOKEN} $A",
+                pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1",
+                special_tokens=[(BOS_TOKEN, BOS_TOKEN_ID)],
+            ),
+        ]
+    )
+    if tokenizer.get_vocab_size() != APERTUS_VOCAB_SIZE:
+        raise ValueError(
+            f"Building the Apertus tokenizer from {path} gave {tokenizer.get_vocab_size()} tokens instead of "
+            f"{APERTUS_VOCAB_SIZE}; an ordinary tekken token collides with an Apertus special-token name."
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=APERTUS_MODEL_MAX_LENGTH,
+        clean_up_tokenization_spaces=False,
+        chat_template=APERTUS_CHAT_TEMPLATE,
+    )
+
+
+def apertus_generation_config() -> GenerationConfig:
+    """Apertus' recommended sampling (SPEC §2): stop on `</s>`, `<|assistant_end|>` or `<|tools_suffix|>`."""
+    return GenerationConfig(
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=[EOS_TOKEN_ID, ASSISTANT_END_TOKEN_ID, TOOLS_SUFFIX_TOKEN_ID],
+        pad_token_id=PAD_TOKEN_ID,
+        do_sample=True,
+        temperature=0.8,
+        top_p=0.9,
+    )
