@@ -10,23 +10,20 @@ renamed to the Apertus layout here.
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, processors
+from tokenizers import Tokenizer
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers.integrations.mistral.tokenizer import MistralConverter
 
 from .special_tokens import (
     ASSISTANT_END_TOKEN_ID,
-    BOS_TOKEN,
     BOS_TOKEN_ID,
-    EOS_TOKEN,
     EOS_TOKEN_ID,
     NUM_SPECIAL_TOKENS,
-    PAD_TOKEN,
     PAD_TOKEN_ID,
     SPECIAL_TOKENS,
     TOOLS_SUFFIX_TOKEN_ID,
-    UNK_TOKEN,
 )
+from .training import bos_prepending_post_processor, wrap_apertus_tokenizer
 
 APERTUS_VOCAB_SIZE = 131072
 APERTUS_MODEL_MAX_LENGTH = 65536
@@ -126,31 +123,13 @@ def load_apertus_tokenizer(tekken_path: str | Path | None = None) -> PreTrainedT
     for added_token in converted["added_tokens"]:
         added_token["content"] = SPECIAL_TOKENS[added_token["id"]]
     tokenizer = Tokenizer.from_str(json.dumps(converted))
-    tokenizer.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{BOS_TOKEN} $A",
-                pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1",
-                special_tokens=[(BOS_TOKEN, BOS_TOKEN_ID)],
-            ),
-        ]
-    )
+    tokenizer.post_processor = bos_prepending_post_processor()
     if tokenizer.get_vocab_size() != APERTUS_VOCAB_SIZE:
         raise ValueError(
             f"Building the Apertus tokenizer from {path} gave {tokenizer.get_vocab_size()} tokens instead of "
             f"{APERTUS_VOCAB_SIZE}; an ordinary tekken token collides with an Apertus special-token name."
         )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        unk_token=UNK_TOKEN,
-        pad_token=PAD_TOKEN,
-        model_max_length=APERTUS_MODEL_MAX_LENGTH,
-        clean_up_tokenization_spaces=False,
-        chat_template=APERTUS_CHAT_TEMPLATE,
-    )
+    return wrap_apertus_tokenizer(tokenizer, APERTUS_MODEL_MAX_LENGTH, APERTUS_CHAT_TEMPLATE)
 
 
 def apertus_generation_config() -> GenerationConfig:

@@ -82,16 +82,7 @@ def train_bpe_tokenizer(
         ]
     )
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{BOS_TOKEN} $A",
-                pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1",
-                special_tokens=[(BOS_TOKEN, BOS_TOKEN_ID)],
-            ),
-        ]
-    )
+    tokenizer.post_processor = bos_prepending_post_processor()
     # The trainer places its special tokens first, in order, so they land on ids 0..num_special_tokens-1, and the
     # full byte alphabet next, so no byte ever needs `<unk>`.
     trainer = trainers.BpeTrainer(
@@ -112,15 +103,7 @@ def train_bpe_tokenizer(
             f"has {learned_vocab_size} tokens instead of vocab_size={vocab_size}; give more text, lower "
             f"min_frequency, or use vocab_size <= {learned_vocab_size}."
         )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        unk_token=UNK_TOKEN,
-        pad_token=PAD_TOKEN,
-        model_max_length=model_max_length,
-        clean_up_tokenization_spaces=False,
-    )
+    return wrap_apertus_tokenizer(tokenizer, model_max_length)
 
 
 def corpus_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -234,4 +217,34 @@ def corpus_token_statistics(
         num_tokens=num_tokens,
         bytes_per_token=num_bytes / max(num_text_tokens, 1),
         unigram_entropy=entropy,
+    )
+
+
+def bos_prepending_post_processor() -> processors.PostProcessor:
+    """Byte-level offsets, then `<s>` before every sequence: Apertus prepends BOS on encode and appends no EOS."""
+    return processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS_TOKEN} $A",
+                pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1",
+                special_tokens=[(BOS_TOKEN, BOS_TOKEN_ID)],
+            ),
+        ]
+    )
+
+
+def wrap_apertus_tokenizer(
+    tokenizer: Tokenizer, model_max_length: int, chat_template: str | None = None
+) -> PreTrainedTokenizerFast:
+    """`tokenizer` as a `transformers` fast tokenizer with the Apertus roles of `<s>`, `</s>`, `<unk>` and `<pad>`."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+        chat_template=chat_template,
     )
