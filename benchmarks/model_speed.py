@@ -16,14 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
-import statistics
 import sys
 import tempfile
 import time
 
 import torch
 from safetensors.torch import load_file, save_file
+
+import common
+
+IMPLEMENTATIONS = ("transformers", "apertus_hf")
 
 
 def build_config(args: argparse.Namespace):
@@ -39,10 +41,6 @@ def build_config(args: argparse.Namespace):
         max_position_embeddings=max(args.seq_len, 8192) * 2,
         initializer_range=0.008944,
     )
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def measure(implementation: str, args: argparse.Namespace, results: multiprocessing.Queue) -> None:
@@ -82,7 +80,7 @@ def measure(implementation: str, args: argparse.Namespace, results: multiprocess
         torch.cuda.reset_peak_memory_stats()
         memory_before = torch.cuda.memory_allocated()
     else:
-        memory_before = peak_rss_bytes()
+        memory_before = common.peak_rss_bytes()
     losses = [step(batch) for batch in batches[: args.warmup]]
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -94,7 +92,7 @@ def measure(implementation: str, args: argparse.Namespace, results: multiprocess
     if device.type == "cuda":
         peak_memory = torch.cuda.max_memory_allocated() - memory_before
     else:
-        peak_memory = peak_rss_bytes() - memory_before
+        peak_memory = common.peak_rss_bytes() - memory_before
     results.put(
         {
             "implementation": implementation,
@@ -103,18 +101,6 @@ def measure(implementation: str, args: argparse.Namespace, results: multiprocess
             "first_loss": losses[0],
         }
     )
-
-
-def run_isolated(implementation: str, args: argparse.Namespace) -> dict:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=measure, args=(implementation, args, results))
-    process.start()
-    result = results.get()
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"measurement of {implementation} failed with exit code {process.exitcode}")
-    return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -142,13 +128,18 @@ def main(argv: list[str] | None = None) -> dict:
     import apertus_hf
 
     args = parse_args(argv)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    device_name = common.device_description(args.device)
     print(f"device: {device_name}; torch {torch.__version__}; settings: {vars(args)}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         args.weights_file = f"{scratch}/weights.safetensors"
         torch.manual_seed(0)
         save_file(apertus_hf.ApertusForCausalLM(build_config(args)).state_dict(), args.weights_file)
-        rounds = measure_interleaved(args)
+        rounds = common.measure_interleaved(
+            IMPLEMENTATIONS,
+            args.rounds,
+            lambda implementation: common.run_isolated(implementation, measure, (implementation, args)),
+            describe_round,
+        )
     summary = summarize(rounds, device_name)
     print(
         f"median tokens/s: transformers {summary['transformers']['tokens_per_second']:.1f}, "
@@ -164,29 +155,19 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def measure_interleaved(args: argparse.Namespace) -> dict[str, list[dict]]:
-    rounds: dict[str, list[dict]] = {"transformers": [], "apertus_hf": []}
-    for round_index in range(args.rounds):
-        # Alternate which implementation goes first (A B, B A, ...) so that warm-up or drift of the machine favours
-        # neither.
-        order = list(rounds) if round_index % 2 == 0 else list(reversed(rounds))
-        for implementation in order:
-            result = run_isolated(implementation, args)
-            rounds[implementation].append(result)
-            print(
-                f"round {round_index + 1} {implementation:>12}: {result['tokens_per_second']:9.1f} tokens/s, "
-                f"peak step memory {result['peak_step_memory_bytes'] / 2**20:8.1f} MiB, "
-                f"first loss {result['first_loss']:.6f}",
-                flush=True,
-            )
-    return rounds
+def describe_round(result: dict) -> str:
+    return (
+        f"{result['tokens_per_second']:9.1f} tokens/s, "
+        f"peak step memory {result['peak_step_memory_bytes'] / 2**20:8.1f} MiB, "
+        f"first loss {result['first_loss']:.6f}"
+    )
 
 
 def summarize(rounds: dict[str, list[dict]], device_name: str) -> dict:
     summary = {
         name: {
-            "tokens_per_second": statistics.median(r["tokens_per_second"] for r in results),
-            "peak_step_memory_mib": statistics.median(r["peak_step_memory_bytes"] for r in results) / 2**20,
+            "tokens_per_second": common.median_of(results, "tokens_per_second"),
+            "peak_step_memory_mib": common.median_of(results, "peak_step_memory_bytes") / 2**20,
         }
         for name, results in rounds.items()
     }

@@ -27,42 +27,25 @@ Each measurement runs in its own spawned process, alternating which loop goes fi
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+import common
+
 LOOPS = ("ours", "trainer")
 # Goldfish settings of both loops (PretrainConfig's defaults, the Apertus values).
 GOLDFISH_K = 50
 GOLDFISH_H = 50
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def import_libraries() -> int:
-    """Import everything either loop uses, so both processes start from the same resident set; its peak after."""
-    import datasets  # noqa: F401
-    import transformers.trainer  # noqa: F401
-
-    import apertus_hf.pretraining  # noqa: F401
-
-    return peak_rss_bytes()
-
-
-def peak_memory_bytes(device_type: str) -> int:
-    return torch.cuda.max_memory_allocated() if device_type == "cuda" else peak_rss_bytes()
+# Everything either loop uses, imported first so that both measuring processes start from the same resident set.
+LIBRARIES = ("datasets", "transformers.trainer", "apertus_hf.pretraining")
 
 
 def build_rows(args: argparse.Namespace, tokenizer):
@@ -82,7 +65,7 @@ def build_model_config(args: argparse.Namespace, tokenizer):
 
 def measure_ours(args: argparse.Namespace, results: multiprocessing.Queue) -> None:
     """Steady-state throughput and peak memory of `apertus_hf.pretraining.pretrain`; runs in a fresh process."""
-    import_peak = import_libraries()
+    import_peak = common.peak_rss_after_imports(LIBRARIES)
     from apertus_hf.pretraining import PretrainConfig, pretrain, read_metrics
 
     if args.device == "cuda":
@@ -117,7 +100,7 @@ def measure_ours(args: argparse.Namespace, results: multiprocessing.Queue) -> No
         )
         result = pretrain(config)
         records = read_metrics(Path(output_dir, "metrics.jsonl"))
-    peak_memory = peak_memory_bytes(args.device)
+    peak_memory = common.peak_memory_bytes(args.device)
     if result.steps != config.max_steps:
         raise RuntimeError(f"our loop stopped at step {result.steps} of {config.max_steps}")
     # Each throughput window runs from the previous log to this one; the windows after step `warmup` tile the
@@ -142,23 +125,11 @@ def measure_ours(args: argparse.Namespace, results: multiprocessing.Queue) -> No
 
 def measure_trainer(args: argparse.Namespace, results: multiprocessing.Queue) -> None:
     """Steady-state throughput and peak memory of `transformers.Trainer` with the stock Apertus; fresh process."""
-    import_peak = import_libraries()
+    import_peak = common.peak_rss_after_imports(LIBRARIES)
     import transformers
-    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     from apertus_hf.data import PackedBatchCollator
-
-    class StepTimer(TrainerCallback):
-        """Wall time at the end of the first and the last timed optimizer step."""
-
-        def __init__(self):
-            self.times = {}
-
-        def on_step_end(self, training_args, state, control, **kwargs):
-            if state.global_step in (args.warmup, args.warmup + args.steps):
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                self.times[state.global_step] = time.perf_counter()
 
     transformers.set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -166,7 +137,7 @@ def measure_trainer(args: argparse.Namespace, results: multiprocessing.Queue) ->
     stock_config = transformers.ApertusConfig(**build_model_config(args, tokenizer).to_diff_dict())
     stock_config._attn_implementation = args.attn_implementation
     model = transformers.ApertusForCausalLM(stock_config)
-    timer = StepTimer()
+    timer = common.make_step_timer(args.device, args.warmup, args.warmup + args.steps)
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
             output_dir=output_dir,
@@ -194,8 +165,8 @@ def measure_trainer(args: argparse.Namespace, results: multiprocessing.Queue) ->
             model=model, args=training_args, train_dataset=rows, data_collator=collator, callbacks=[timer]
         )
         output = trainer.train()
-    peak_memory = peak_memory_bytes(args.device)
-    elapsed = timer.times[args.warmup + args.steps] - timer.times[args.warmup]
+    peak_memory = common.peak_memory_bytes(args.device)
+    elapsed = timer.elapsed_seconds()
     results.put(
         {
             "tokens_per_second": args.steps * args.batch_size * args.seq_len / elapsed,
@@ -206,46 +177,9 @@ def measure_trainer(args: argparse.Namespace, results: multiprocessing.Queue) ->
     )
 
 
-def measure(loop: str, args: argparse.Namespace, results: multiprocessing.Queue) -> None:
-    """Entry point of a measuring process; with `--json -` the libraries' prints go to stderr, not into the JSON."""
-    target = measure_ours if loop == "ours" else measure_trainer
-    with contextlib.redirect_stdout(sys.stderr) if args.json == "-" else contextlib.nullcontext():
-        target(args, results)
-
-
-def run_isolated(loop: str, args: argparse.Namespace) -> dict:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=measure, args=(loop, args, results))
-    process.start()
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"measurement of {loop} failed with exit code {process.exitcode}")
-    return results.get()
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    key, separator, value = text.partition("=")
-    if not separator or not key:
-        raise argparse.ArgumentTypeError(f"--override {text!r} must be KEY=VALUE, e.g. num_hidden_layers=8")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     has_cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small", help="ApertusConfig preset of the model")
-    parser.add_argument(
-        "--override",
-        type=parse_override,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="ApertusConfig field set on top of the preset (JSON value), repeatable",
-    )
+    parser = common.model_benchmark_parser(__doc__)
     parser.add_argument("--seq-len", type=int, default=2048 if has_cuda else 256)
     parser.add_argument("--batch-size", type=int, default=8 if has_cuda else 16, help="packed rows per step")
     parser.add_argument("--steps", type=int, default=30 if has_cuda else 8, help="timed optimizer steps")
@@ -257,49 +191,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=("bf16", "no"), default="bf16", help="on GPU only")
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--max-grad-norm", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--data", default=str(REPO_ROOT / "data" / "corpus"))
-    parser.add_argument("--tokenizer", default=str(REPO_ROOT / "data" / "tokenizer"))
-    parser.add_argument("--json", help="also write the results to this JSON file ('-': print them instead)")
+    common.add_input_output_arguments(parser)
     args = parser.parse_args(argv)
-    for name in ("seq_len", "batch_size", "steps", "warmup", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    args.override = dict(args.override)
-    args.device = "cuda" if has_cuda else "cpu"
-    return args
+    return common.finish_args(parser, args, ("seq_len", "batch_size", "steps", "warmup", "rounds"), has_cuda)
 
 
-def measure_interleaved(args: argparse.Namespace) -> dict[str, list[dict]]:
-    rounds: dict[str, list[dict]] = {loop: [] for loop in LOOPS}
-    for round_index in range(args.rounds):
-        # Alternate which loop goes first so that warm-up or drift of the machine favours neither.
-        order = LOOPS if round_index % 2 == 0 else tuple(reversed(LOOPS))
-        for loop in order:
-            result = run_isolated(loop, args)
-            rounds[loop].append(result)
-            print(
-                f"round {round_index + 1} {loop:>7}: {result['tokens_per_second']:9.1f} tokens/s, "
-                f"peak memory {result['peak_memory_bytes'] / 2**20:8.1f} MiB, mean loss {result['mean_loss']:.4f}",
-                file=sys.stderr if args.json == "-" else sys.stdout,
-                flush=True,
-            )
-    return rounds
+def measure_isolated(loop: str, args: argparse.Namespace) -> dict:
+    """One measurement of `loop` in its own spawned process; with `--json -` its prints go to stderr."""
+    target = measure_ours if loop == "ours" else measure_trainer
+    return common.run_isolated(loop, target, (args,), stdout_to_stderr=args.json == "-")
+
+
+def describe_round(result: dict) -> str:
+    return (
+        f"{result['tokens_per_second']:9.1f} tokens/s, "
+        f"peak memory {result['peak_memory_bytes'] / 2**20:8.1f} MiB, mean loss {result['mean_loss']:.4f}"
+    )
 
 
 def summarize(rounds: dict[str, list[dict]], args: argparse.Namespace, device_name: str) -> dict:
     summary = {}
     for loop, results in rounds.items():
         summary[loop] = {
-            "tokens_per_second": statistics.median(r["tokens_per_second"] for r in results),
-            "peak_memory_mib": statistics.median(r["peak_memory_bytes"] for r in results) / 2**20,
-            "mean_loss": statistics.median(r["mean_loss"] for r in results),
+            "tokens_per_second": common.median_of(results, "tokens_per_second"),
+            "peak_memory_mib": common.median_of(results, "peak_memory_bytes") / 2**20,
+            "mean_loss": common.median_of(results, "mean_loss"),
             "rounds": results,
         }
         if args.device == "cpu":
-            summary[loop]["peak_rss_growth_over_imports_mib"] = (
-                statistics.median(r["peak_memory_bytes"] - r["import_peak_rss_bytes"] for r in results) / 2**20
-            )
+            summary[loop]["peak_rss_growth_over_imports_mib"] = common.median_rss_growth_mib(results)
     summary["speed_ratio"] = summary["ours"]["tokens_per_second"] / summary["trainer"]["tokens_per_second"]
     summary["memory_ratio"] = summary["ours"]["peak_memory_mib"] / summary["trainer"]["peak_memory_mib"]
     summary["device"] = device_name
@@ -336,25 +256,16 @@ def print_table(summary: dict, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # Nothing here may reach the Hub: the tokenizer and the corpus are local.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    common.go_offline()
     args = parse_args(argv)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(
-        f"device: {device_name}; torch {torch.__version__}; settings: {vars(args)}",
-        file=sys.stderr if args.json == "-" else sys.stdout,
-        flush=True,
+    device_name = common.device_description(args.device)
+    log = common.log_stream(args)
+    print(f"device: {device_name}; torch {torch.__version__}; settings: {vars(args)}", file=log, flush=True)
+    rounds = common.measure_interleaved(
+        LOOPS, args.rounds, lambda loop: measure_isolated(loop, args), describe_round, log
     )
-    summary = summarize(measure_interleaved(args), args, device_name)
-    output = {"settings": vars(args), **summary}
-    if args.json == "-":
-        print(json.dumps(output, indent=2))
-        return summary
-    print_table(summary, args)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(output, handle, indent=2)
+    summary = summarize(rounds, args, device_name)
+    common.report(summary, args, print_table)
     return summary
 
 

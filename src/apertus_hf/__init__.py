@@ -20,6 +20,7 @@ from .modeling_apertus import (
     ApertusModel,
     ApertusPreTrainedModel,
 )
+from .tokenization import APERTUS_CHAT_TEMPLATE, apertus_generation_config, load_apertus_tokenizer
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ AutoModelForCausalLM.register(ApertusConfig, ApertusForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(ApertusConfig, ApertusForSequenceClassification, exist_ok=True)
 
 __all__ = [
+    "APERTUS_CHAT_TEMPLATE",
     "PRESETS",
     "ApertusConfig",
     "ApertusForCausalLM",
@@ -37,5 +39,7 @@ __all__ = [
     "ApertusModel",
     "ApertusPreTrainedModel",
     "InvalidApertusConfigError",
+    "apertus_generation_config",
     "goldfish_drop_mask",
+    "load_apertus_tokenizer",
 ]

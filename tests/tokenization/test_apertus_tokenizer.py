@@ -152,8 +152,8 @@ def test_multi_turn_and_default_system_prompt(tokenizer):
 
 
 def test_unsupported_role_is_rejected(tokenizer):
-    with pytest.raises(Exception, match="Unsupported message role tool at position 1"):
-        tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
+    with pytest.raises(Exception, match="Unsupported message role function at position 1"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "function", "content": "y"}])
 
 
 def test_generation_config():

@@ -1,6 +1,7 @@
 """Apertus tokenizer: the real tekken v3 tokenizer with its chat template, the special-token layout, and BPE training."""
 
-from .apertus import APERTUS_CHAT_TEMPLATE, apertus_generation_config, load_apertus_tokenizer
+from .apertus import apertus_generation_config, load_apertus_tokenizer
+from .chat_template import APERTUS_CHAT_TEMPLATE, APERTUS_DEFAULT_SYSTEM_PROMPT
 from .special_tokens import (
     BOS_TOKEN,
     BOS_TOKEN_ID,
@@ -26,6 +27,7 @@ from .training import (
 
 __all__ = [
     "APERTUS_CHAT_TEMPLATE",
+    "APERTUS_DEFAULT_SYSTEM_PROMPT",
     "BOS_TOKEN",
     "BOS_TOKEN_ID",
     "EOS_TOKEN",

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers.integrations.mistral.tokenizer import MistralConverter
 
+from .chat_template import APERTUS_CHAT_TEMPLATE
 from .special_tokens import (
     ASSISTANT_END_TOKEN_ID,
     BOS_TOKEN_ID,
@@ -30,43 +31,6 @@ APERTUS_MODEL_MAX_LENGTH = 65536
 TEKKEN_VERSION = "v3"
 TEKKEN_FILE_NAME = "tekken_240718.json"
 MISTRAL_COMMON_INSTALL = "pip install 'mistral-common>=1.5'"
-
-APERTUS_DEFAULT_SYSTEM_PROMPT = "You are Apertus, a helpful assistant created by the SwissAI initiative."
-"""Rendered when a conversation has no system message.
-
-Public uses of the released Apertus instruct template show this default system prompt (followed there by a
-"Knowledge cutoff" and a "Current date: <today>" line); the date lines are left out so that the same conversation
-always renders to the same tokens, which training data needs.
-"""
-
-# SPEC §2. Only plain-text system/user/assistant turns: reasoning (`<|inner_prefix|>`..`<|inner_suffix|>`) and tool
-# calls (`<|tools_prefix|>`..`<|tools_suffix|>`) are not rendered, and the developer block always says both are
-# disabled. `{% generation %}` marks the assistant answer plus its `<|assistant_end|>` (the model must learn to stop)
-# for `apply_chat_template(..., return_assistant_tokens_mask=True)`.
-APERTUS_CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system_message = messages[0]['content'] -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    f"{{%- set system_message = {APERTUS_DEFAULT_SYSTEM_PROMPT!r} -%}}"
-    "{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "<|system_start|>{{ system_message }}<|system_end|>"
-    "<|developer_start|>Deliberation: disabled\nTool Capabilities: disabled<|developer_end|>"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "<|user_start|>{{ message['content'] }}<|user_end|>"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "<|assistant_start|>{% generation %}{{ message['content'] }}<|assistant_end|>{% endgeneration %}"
-    "{%- else -%}"
-    "{{- raise_exception('Unsupported message role ' ~ message['role'] ~ ' at position ' ~ loop.index0 ~ "
-    "' after the optional leading system message; the Apertus template renders only user and assistant turns "
-    "there.') -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant_start|>{%- endif -%}"
-)
 
 
 def default_tekken_path() -> Path:

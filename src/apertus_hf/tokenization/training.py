@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .chat_template import APERTUS_CHAT_TEMPLATE
 from .special_tokens import (
     BOS_TOKEN,
     BOS_TOKEN_ID,
@@ -103,7 +104,8 @@ def train_bpe_tokenizer(
             f"has {learned_vocab_size} tokens instead of vocab_size={vocab_size}; give more text, lower "
             f"min_frequency, or use vocab_size <= {learned_vocab_size}."
         )
-    return wrap_apertus_tokenizer(tokenizer, model_max_length)
+    # The Apertus special tokens sit at the Apertus ids, so the Apertus chat template renders correctly with it.
+    return wrap_apertus_tokenizer(tokenizer, model_max_length, APERTUS_CHAT_TEMPLATE)
 
 
 def corpus_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:

@@ -1,0 +1,745 @@
+"""Quantile Reward Policy Optimization (QRPO, arXiv 2507.08068), offline, built the way TRL builds its trainers.
+
+QRPO regresses the policy's log-ratio onto a transformed *quantile* reward. The quantile of a completion's reward
+among rewards of completions sampled from the reference policy makes the partition function known in closed form, so
+each completion is a least-squares target on its own: no pairs needed, no reference model in memory (reference
+log-probs are computed once before training) and one forward per completion.
+
+    loss(y) = ( f(R_q) - beta * log Z_f(beta) - beta * (log pi(y|x) - log pi_ref(y|x)) )^2
+
+with R_q = mean_i 1[ref_reward_i <= reward(y)], log-probs summed over the completion tokens, and f one of:
+
+- `identity`: beta log Z = beta log beta + 1 + beta log1p(-e^(-1/beta)) (exact; the reference code drops the last
+  term, which is below 1e-4 only for beta < 0.1);
+- `log`: f = log(max(R_q, 1/n)), Z = beta / (beta + 1);
+- `normal_icdf`: f = Phi^-1(clip(R_q, 1/n, (n-1)/n)), log Z = 1 / (2 beta^2).
+
+With `length_normalize` (what Apertus used), beta becomes beta/|y| in every term, capped at `max_normalized_beta`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.data.data_collator import DataCollatorMixin
+from transformers.utils import is_peft_available, logging
+from trl.trainer.utils import add_fused_lm_head, generate_model_card, selective_log_softmax
+
+if is_peft_available():
+    from peft import PeftConfig, PeftModel, get_peft_model
+
+logger = logging.get_logger(__name__)
+
+QRPO_TRANSFORMS = ("identity", "log", "normal_icdf")
+QRPOTransform = Literal["identity", "log", "normal_icdf"]
+
+UNPAIRED_COLUMNS = ("prompt", "completion", "reward", "ref_rewards")
+PAIRED_COLUMNS = ("prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "ref_rewards")
+
+QRPO_CITATION = """\
+@article{matrenok2025qrpo,
+    title   = {{Quantile Reward Policy Optimization: Alignment with Pointwise Regression and Exact Partition Functions}},
+    author  = {Simon Matrenok and Skander Moalla and Caglar Gulcehre},
+    year    = 2025,
+    journal = {arXiv preprint arXiv:2507.08068}
+}"""
+
+
+class QRPODatasetError(ValueError):
+    """A QRPO dataset row or column the trainer cannot use; the message names the row and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def quantile_rewards(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.Tensor:
+    """R_q: for each completion, the fraction of its reference rewards that are <= its reward (ties count as below).
+
+    Args:
+        rewards: (B,) rewards of the completions.
+        ref_rewards: (B, n) rewards of the n reference completions of each prompt.
+    """
+    return (ref_rewards <= rewards.unsqueeze(-1)).to(torch.float64).mean(dim=-1)
+
+
+def transform_quantile_reward(quantile: torch.Tensor, transform: QRPOTransform, num_ref_rewards: int) -> torch.Tensor:
+    """f(R_q), with the clamps that keep `log` and `normal_icdf` finite (SPEC §4)."""
+    if transform == "identity":
+        return quantile
+    if transform == "log":
+        return torch.log(quantile.clamp(min=1.0 / num_ref_rewards))
+    if transform == "normal_icdf":
+        if num_ref_rewards < 2:
+            raise ValueError("The normal_icdf transform needs at least 2 reference rewards per prompt to clamp to.")
+        return torch.special.ndtri(quantile.clamp(1.0 / num_ref_rewards, (num_ref_rewards - 1.0) / num_ref_rewards))
+    raise ValueError(f"Unknown QRPO transform {transform!r}; use one of {QRPO_TRANSFORMS}.")
+
+
+def beta_log_partition(beta: torch.Tensor, transform: QRPOTransform) -> torch.Tensor:
+    """beta * log Z_f(beta), exactly, for a tensor of (effective) betas."""
+    if transform == "identity":
+        # Z = beta (e^(1/beta) - 1), written so that large 1/beta does not overflow.
+        return beta * torch.log(beta) + 1.0 + beta * torch.log1p(-torch.exp(-1.0 / beta))
+    if transform == "log":
+        return beta * (torch.log(beta) - torch.log1p(beta))
+    if transform == "normal_icdf":
+        return 1.0 / (2.0 * beta)
+    raise ValueError(f"Unknown QRPO transform {transform!r}; use one of {QRPO_TRANSFORMS}.")
+
+
+def effective_beta(
+    beta: float,
+    like: torch.Tensor,
+    completion_lengths: torch.Tensor | None = None,
+    length_normalize: bool = False,
+    max_normalized_beta: float = 0.1,
+) -> torch.Tensor:
+    """The beta each completion's loss uses: `beta`, or min(beta / |y|, max_normalized_beta) with length_normalize."""
+    if not length_normalize:
+        return torch.full_like(like, beta)
+    if completion_lengths is None:
+        raise ValueError("length_normalize=True needs completion_lengths (completion tokens per example).")
+    lengths = completion_lengths.to(device=like.device, dtype=like.dtype)
+    if bool((lengths <= 0).any()):
+        raise ValueError("completion_lengths must be positive with length_normalize=True.")
+    return (beta / lengths).clamp(max=max_normalized_beta)
+
+
+def qrpo_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    ref_rewards: torch.Tensor,
+    beta: float,
+    transform: QRPOTransform = "identity",
+    completion_lengths: torch.Tensor | None = None,
+    length_normalize: bool = False,
+    max_normalized_beta: float = 0.1,
+) -> torch.Tensor:
+    """Per-example QRPO losses, shape (B,).
+
+    Args:
+        logps: (B,) log pi(y|x) of the policy, summed over completion tokens.
+        ref_logps: (B,) the same under the reference policy.
+        rewards: (B,) reward of each completion.
+        ref_rewards: (B, n) rewards of the n reference completions sampled for each example's prompt.
+        beta: KL regularisation strength.
+        transform: `identity`, `log` or `normal_icdf`, the f applied to the quantile reward.
+        completion_lengths: (B,) completion tokens |y|; needed with `length_normalize`.
+        length_normalize: use beta/|y| (capped at `max_normalized_beta`) in every term, as Apertus did.
+        max_normalized_beta: the cap on the length-normalised beta.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}.")
+    if ref_rewards.dim() != 2 or ref_rewards.shape[0] != rewards.shape[0] or ref_rewards.shape[1] == 0:
+        raise ValueError(
+            f"ref_rewards must have shape (B, n>0) with B={rewards.shape[0]}, got {tuple(ref_rewards.shape)}."
+        )
+    # At least float32: the loss is a small difference of larger terms (bf16 log-probs would swamp it).
+    dtype = torch.promote_types(logps.dtype, torch.float32)
+    log_ratio = logps.to(dtype) - ref_logps.to(dtype)
+    betas = effective_beta(beta, log_ratio, completion_lengths, length_normalize, max_normalized_beta)
+    quantile = quantile_rewards(rewards, ref_rewards).to(dtype)
+    target = transform_quantile_reward(quantile, transform, ref_rewards.shape[1]) - beta_log_partition(betas, transform)
+    return (target - betas * log_ratio) ** 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QRPOConfig(TrainingArguments):
+    r"""Configuration of [`QRPOTrainer`]: the QRPO fields below plus every [`~transformers.TrainingArguments`] field.
+
+    The defaults of the QRPO fields are Apertus' (SPEC §4): identity transform, beta 5, length-normalised beta capped
+    at 0.1, reference log-probs computed once before training.
+    """
+
+    beta: float = field(
+        default=5.0,
+        metadata={"help": "KL regularisation strength; with length_normalize it is divided by the completion length."},
+    )
+    transform: str = field(
+        default="identity",
+        metadata={"help": f"Transform f of the quantile reward, one of {QRPO_TRANSFORMS}."},
+    )
+    length_normalize: bool = field(
+        default=True, metadata={"help": "Use beta/|y| in every term of the loss (Apertus' variant)."}
+    )
+    max_normalized_beta: float = field(default=0.1, metadata={"help": "Cap on beta/|y| when length_normalize is on."})
+    max_length: int | None = field(
+        default=1024,
+        metadata={
+            "help": "Longest prompt + completion in tokens; longer ones lose their end (rows whose prompt alone "
+            "fills it are dropped, with a warning that counts them)."
+        },
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Batch size of the reference log-prob pass; default: the per-device train (eval) batch size."
+        },
+    )
+    model_init_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments of `from_pretrained` when `model` (or `ref_model`) is given as a path."},
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used to tokenize the datasets."})
+    # Our columns are not model inputs; the trainer selects what it needs itself.
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the trainer keeps only the columns it reads."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many optimizer steps."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.transform not in QRPO_TRANSFORMS:
+            raise ValueError(f"transform must be one of {QRPO_TRANSFORMS}, got {self.transform!r}.")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}.")
+        if not self.max_normalized_beta > 0:
+            raise ValueError(f"max_normalized_beta must be > 0, got {self.max_normalized_beta}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def qrpo_dataset_layout(dataset: Dataset, name: str = "train") -> Literal["paired", "unpaired"]:
+    """Check every row of a QRPO dataset and say which layout it has. Raises QRPODatasetError naming the row."""
+    columns = set(dataset.column_names)
+    layout, required = ("paired", PAIRED_COLUMNS) if "chosen" in columns else ("unpaired", UNPAIRED_COLUMNS)
+    missing = [column for column in required if column not in columns]
+    if missing:
+        raise QRPODatasetError(
+            f"The {name} dataset misses the columns {missing} of a {layout} QRPO dataset (it has "
+            f"{sorted(columns)}). Rows are either {{{', '.join(UNPAIRED_COLUMNS)}}} or "
+            f"{{{', '.join(PAIRED_COLUMNS)}}}; recipes/qrpo_prepare.py writes them."
+        )
+    if len(dataset) == 0:
+        raise QRPODatasetError(f"The {name} dataset has no rows.")
+
+    for row, value in enumerate(dataset["prompt"]):
+        if not value:
+            raise QRPODatasetError(f"Row {row} of the {name} dataset has an empty prompt; fill it in or drop the row.")
+    # An empty completion is a real sample (the policy stopped at once): it is scored on its end token.
+    for column in ("chosen", "rejected") if layout == "paired" else ("completion",):
+        for row, value in enumerate(dataset[column]):
+            if not isinstance(value, (str, list)):
+                raise QRPODatasetError(
+                    f"Row {row} of the {name} dataset has {column}={value!r}; it must be a string, or a list of "
+                    "assistant messages for chat prompts."
+                )
+    reward_columns = ("chosen_reward", "rejected_reward") if layout == "paired" else ("reward",)
+    for column in reward_columns:
+        for row, value in enumerate(dataset[column]):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise QRPODatasetError(
+                    f"Row {row} of the {name} dataset has {column}={value!r}; rewards must be finite numbers. Re-score "
+                    "or drop the row."
+                )
+    expected_count = None
+    for row, values in enumerate(dataset["ref_rewards"]):
+        if not isinstance(values, (list, tuple)) or len(values) == 0:
+            raise QRPODatasetError(
+                f"Row {row} of the {name} dataset has ref_rewards={values!r}; it must be a non-empty list of the "
+                "rewards of the reference completions sampled for its prompt."
+            )
+        if expected_count is None:
+            expected_count = len(values)
+        elif len(values) != expected_count:
+            raise QRPODatasetError(
+                f"Row {row} of the {name} dataset has {len(values)} ref_rewards, but row 0 has {expected_count}; every "
+                "prompt needs the same number n of reference rewards (sample n completions per prompt)."
+            )
+        for value in values:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise QRPODatasetError(
+                    f"Row {row} of the {name} dataset has a ref_rewards entry {value!r}; rewards must be finite "
+                    "numbers. Re-score or drop the row."
+                )
+    return layout
+
+
+def reference_logps_column(member: str) -> str:
+    """The dataset column of the reference log-probs of `member` (completion, chosen or rejected)."""
+    return "ref_logps" if member == "completion" else f"ref_{member}_logps"
+
+
+def _is_conversational(prompt: Any) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def _common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
+    length = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def tokenize_qrpo_row(
+    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, completion_columns: Sequence[str]
+) -> dict[str, list[int]]:
+    """`prompt_ids` and `<column>_ids` for each completion column of one row.
+
+    Chat prompts go through the chat template (the prompt with the generation prompt, prompt + completion in full, so
+    the completion ends with the template's end-of-turn token); text completions get the EOS token appended. The
+    completion starts where the two tokenizations diverge, so a merge across the boundary is never double-counted.
+    """
+    prompt = row["prompt"]
+    if _is_conversational(prompt):
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        full_ids = {
+            column: tokenizer.apply_chat_template(prompt + row[column], tokenize=True, return_dict=False)
+            for column in completion_columns
+        }
+    else:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        full_ids = {}
+        for column in completion_columns:
+            completion = row[column]
+            if tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
+                completion += tokenizer.eos_token
+            full_ids[column] = tokenizer(prompt + completion)["input_ids"]
+    prompt_length = min(_common_prefix_length(prompt_ids, ids) for ids in full_ids.values())
+    output = {"prompt_ids": list(prompt_ids[:prompt_length])}
+    for column, ids in full_ids.items():
+        output[f"{column}_ids"] = list(ids[prompt_length:])
+    return output
+
+
+@dataclass
+class DataCollatorForQRPO(DataCollatorMixin):
+    """Pads tokenized QRPO rows into one batch of completions (paired rows give all chosen, then all rejected).
+
+    Returns `input_ids`, `attention_mask`, `completion_mask` (B*k, L), `rewards` (B*k,), `ref_rewards` (B*k, n),
+    `member` (B*k,: 0 for completion/chosen, 1 for rejected) and, when the rows carry them, `ref_logps` (B*k,). Sequences longer than `max_length` keep their start.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        paired = "chosen_ids" in examples[0]
+        members = (
+            (("chosen", "chosen_reward"), ("rejected", "rejected_reward")) if paired else (("completion", "reward"),)
+        )
+        sequences, completion_masks, rewards, ref_rewards, ref_logps = [], [], [], [], []
+        for member, reward_column in members:
+            for example in examples:
+                prompt_ids, completion_ids = example["prompt_ids"], example[f"{member}_ids"]
+                ids = list(prompt_ids) + list(completion_ids)
+                mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
+                if self.max_length is not None:
+                    ids, mask = ids[: self.max_length], mask[: self.max_length]
+                sequences.append(ids)
+                completion_masks.append(mask)
+                rewards.append(example[reward_column])
+                ref_rewards.append(example["ref_rewards"])
+                if reference_logps_column(member) in example:
+                    ref_logps.append(example[reference_logps_column(member)])
+        length = max(len(ids) for ids in sequences)
+        batch = {
+            "input_ids": torch.tensor([ids + [self.pad_token_id] * (length - len(ids)) for ids in sequences]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in sequences]),
+            "completion_mask": torch.tensor([mask + [0] * (length - len(mask)) for mask in completion_masks]),
+            "rewards": torch.tensor(rewards, dtype=torch.float32),
+            "ref_rewards": torch.tensor(ref_rewards, dtype=torch.float32),
+            "member": torch.arange(len(members)).repeat_interleave(len(examples)),
+        }
+        if ref_logps:
+            batch["ref_logps"] = torch.tensor(ref_logps, dtype=torch.float32)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class QRPOTrainer(Trainer):
+    """Offline QRPO on a dataset of completions with rewards and reference rewards (see `qrpo_dataset_layout`).
+
+    Args:
+        model: the policy, a model or a path / Hub id loaded with `AutoModelForCausalLM` and `args.model_init_kwargs`.
+        ref_model: the reference policy, when it is not the initial `model` (a model or a path). Its log-probs are
+            computed once before training and it is then released; without it the initial `model` (adapters disabled
+            under PEFT) is the reference. Skipped entirely when the dataset has `ref_logps` (unpaired) or
+            `ref_chosen_logps`/`ref_rejected_logps` (paired) columns.
+        args: a `QRPOConfig`.
+        data_collator: default `DataCollatorForQRPO`.
+        train_dataset, eval_dataset: QRPO datasets (eval may be a dict of them).
+        processing_class: the tokenizer (with a chat template for chat prompts); default: the model's.
+        peft_config: a PEFT config; the model is wrapped with it and only the adapters train.
+        callbacks, optimizers, optimizer_cls_and_kwargs: as in `transformers.Trainer`.
+    """
+
+    _tag_names = ["trl", "qrpo", "apertus_hf"]
+    # compute_loss returns a per-micro-batch mean; Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        ref_model: str | PreTrainedModel | None = None,
+        args: QRPOConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        peft_config: PeftConfig | None = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = QRPOConfig(f"{Path(str(name)).name or 'model'}-QRPO")
+        if not isinstance(args, QRPOConfig):
+            raise TypeError(f"args must be a QRPOConfig, got {type(args).__name__}.")
+        if train_dataset is None:
+            raise ValueError("QRPOTrainer needs a train_dataset.")
+        if ref_model is not None and ref_model is model:
+            raise ValueError("ref_model must not be the policy itself; omit it to use the initial policy.")
+
+        model_init_kwargs = dict(args.model_init_kwargs or {})
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model, **model_init_kwargs)
+        if isinstance(ref_model, str):
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **model_init_kwargs)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if processing_class.pad_token_id is None:
+            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token before building the trainer.")
+
+        # Per-token log-probs without materialising (batch, length, vocabulary) logits; before PEFT wraps the model.
+        add_fused_lm_head(model.get_base_model() if _is_peft_model(model) else model)
+        if ref_model is not None:
+            add_fused_lm_head(ref_model)
+        if peft_config is not None:
+            if not is_peft_available():
+                raise ImportError("peft_config needs PEFT: pip install peft.")
+            if _is_peft_model(model):
+                raise ValueError("model is already a PeftModel; pass it without peft_config, or merge it first.")
+            model = get_peft_model(model, peft_config)
+        if _is_peft_model(model) and args.activation_checkpointing:
+            model.enable_input_require_grads()
+
+        self.ref_model = ref_model
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._layouts: dict[str, str] = {}
+        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                key: self._prepare_dataset(value, processing_class, args, f"eval {key}")
+                for key, value in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator or DataCollatorForQRPO(processing_class.pad_token_id, args.max_length),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+        )
+
+        self.train_dataset = self._with_reference_logps(self.train_dataset, "train")
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {
+                key: self._with_reference_logps(value, f"eval {key}") for key, value in self.eval_dataset.items()
+            }
+        elif self.eval_dataset is not None:
+            self.eval_dataset = self._with_reference_logps(self.eval_dataset, "eval")
+        # The reference policy is only needed for those log-probs: QRPO trains without it in memory.
+        self.ref_model = None
+
+    # -- data -------------------------------------------------------------------------------------------------------
+
+    def _prepare_dataset(
+        self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args: QRPOConfig, name: str
+    ) -> Dataset:
+        layout = qrpo_dataset_layout(dataset, name)
+        self._layouts[name] = layout
+        completion_columns = ("chosen", "rejected") if layout == "paired" else ("completion",)
+        ref_logp_columns = [reference_logps_column(column) for column in completion_columns]
+        reward_columns = ["chosen_reward", "rejected_reward"] if layout == "paired" else ["reward"]
+        keep = [
+            *reward_columns,
+            "ref_rewards",
+            *(column for column in ref_logp_columns if column in dataset.column_names),
+        ]
+        tokenized = dataset.map(
+            tokenize_qrpo_row,
+            fn_kwargs={"tokenizer": tokenizer, "completion_columns": completion_columns},
+            remove_columns=[column for column in dataset.column_names if column not in keep],
+            num_proc=args.dataset_num_proc,
+            desc=f"Tokenizing the {name} dataset",
+        )
+        for column in completion_columns:
+            empty = [row for row, ids in enumerate(tokenized[f"{column}_ids"]) if not ids]
+            if empty:
+                raise QRPODatasetError(
+                    f"Row {empty[0]} of the {name} dataset has a {column} that adds no token after its prompt "
+                    f"({len(empty)} rows in all); give every row a non-empty completion."
+                )
+        if args.max_length is not None:
+            too_long = [row for row, ids in enumerate(tokenized["prompt_ids"]) if len(ids) >= args.max_length]
+            if too_long:
+                logger.warning(
+                    f"{len(too_long)} rows of the {name} dataset (first: row {too_long[0]}) have a prompt of at least "
+                    f"max_length={args.max_length} tokens, leaving no completion token to train on; they are left out. "
+                    "Raise max_length to keep them."
+                )
+                tokenized = tokenized.select(sorted(set(range(len(tokenized))) - set(too_long)))
+        return tokenized
+
+    def _with_reference_logps(self, dataset: Dataset, name: str) -> Dataset:
+        """`dataset` with `ref_<member>_logps` columns, computed once by the reference policy when they are absent."""
+        members = ("chosen", "rejected") if self._layouts[name] == "paired" else ("completion",)
+        columns = [reference_logps_column(member) for member in members]
+        if all(column in dataset.column_names for column in columns):
+            return dataset
+        default_batch_size = (
+            self.args.per_device_train_batch_size if name == "train" else self.args.per_device_eval_batch_size
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.precompute_ref_batch_size or default_batch_size,
+            collate_fn=self.data_collator,
+            shuffle=False,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        loader = self.accelerator.prepare(loader)
+        if self.ref_model is not None:
+            reference = self.ref_model.to(self.accelerator.device)
+        elif self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            # Before `train` prepares the model its ZeRO-3 shards are not gathered; an inference engine gathers them.
+            reference = prepare_deepspeed(self.model, self.accelerator)
+        else:
+            reference = self.model.to(self.accelerator.device)
+        values = []
+        was_training = reference.training
+        reference.eval()
+        # Under the same autocast as training, so that the log-ratio starts at exactly 0 under mixed precision.
+        with torch.no_grad(), self._reference_context(reference), self.accelerator.autocast():
+            for batch in tqdm(
+                loader,
+                desc=f"Reference log-probs of the {name} dataset",
+                disable=self.args.disable_tqdm or not self.accelerator.is_local_main_process,
+            ):
+                logps = self._sequence_logps(reference, batch)
+                # (k*B,) -> (B, k): one row per dataset row, so gathering keeps rows whole.
+                per_row = logps.view(len(members), -1).T.contiguous()
+                values.append(self.accelerator.gather_for_metrics(per_row).cpu())
+        reference.train(was_training)
+        stacked = torch.cat(values)
+        for index, column in enumerate(columns):
+            dataset = dataset.add_column(column, stacked[:, index].tolist())
+        return dataset
+
+    def _reference_context(self, reference: torch.nn.Module):
+        if self.ref_model is None and _is_peft_model(self.accelerator.unwrap_model(reference)):
+            return self.accelerator.unwrap_model(reference).disable_adapter()
+        return contextlib.nullcontext()
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = [
+                "prompt_ids",
+                "completion_ids",
+                "chosen_ids",
+                "rejected_ids",
+                "reward",
+                "chosen_reward",
+                "rejected_reward",
+                "ref_rewards",
+                "ref_logps",
+                "ref_chosen_logps",
+                "ref_rejected_logps",
+            ]
+
+    # -- loss -------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log pi(y|x) summed over each sequence's completion tokens, shape (B,)."""
+        completion_mask = batch["completion_mask"]
+        if _adapts_lm_head(model):
+            # TRL's fused head multiplies by `lm_head.weight`, the base weight, so a LoRA on the LM head would be
+            # silently left out: score from the logits instead.
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            token_logps = selective_log_softmax(logits[:, :-1], batch["input_ids"][:, 1:])
+            return (token_logps * completion_mask[:, 1:]).sum(dim=-1)
+        labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True
+        )
+        return outputs.log_probs.sum(dim=-1)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        if "ref_logps" not in inputs:
+            raise RuntimeError("The batch has no reference log-probs; the dataset lost its ref_*_logps columns.")
+        logps = self._sequence_logps(model, inputs)
+        completion_lengths = inputs["completion_mask"].sum(dim=-1)
+        losses = qrpo_loss(
+            logps,
+            inputs["ref_logps"],
+            inputs["rewards"],
+            inputs["ref_rewards"],
+            beta=self.args.beta,
+            transform=self.args.transform,
+            completion_lengths=completion_lengths,
+            length_normalize=self.args.length_normalize,
+            max_normalized_beta=self.args.max_normalized_beta,
+        )
+        loss = losses.mean()
+        self._record_metrics(mode, inputs, logps.detach(), completion_lengths)
+        return (loss, {"losses": losses.detach()}) if return_outputs else loss
+
+    def _record_metrics(
+        self, mode: str, inputs: dict[str, torch.Tensor], logps: torch.Tensor, completion_lengths: torch.Tensor
+    ) -> None:
+        log_ratio = logps.float() - inputs["ref_logps"].float()
+        betas = effective_beta(
+            self.args.beta, log_ratio, completion_lengths, self.args.length_normalize, self.args.max_normalized_beta
+        )
+        quantile = quantile_rewards(inputs["rewards"], inputs["ref_rewards"])
+        target = transform_quantile_reward(
+            quantile, self.args.transform, inputs["ref_rewards"].shape[1]
+        ) - beta_log_partition(betas, self.args.transform)
+        implied = betas * log_ratio
+        per_sequence = torch.stack(
+            [quantile, log_ratio, implied, target, betas, logps.float(), completion_lengths.float()], dim=-1
+        )
+        # (k*B, m) -> (B, k, m): gather_for_metrics trims the last batch by dataset rows, so rows must stay whole.
+        members = int(inputs["member"].max().item()) + 1
+        per_row = per_sequence.view(members, -1, per_sequence.shape[-1]).transpose(0, 1).contiguous()
+        gathered = self.accelerator.gather_for_metrics(per_row)
+        names = ["quantile_reward", "log_ratio", "implied_reward", "target", "beta", "logps", "completion_length"]
+        for index, name in enumerate(names):
+            self._metrics[mode][name].append(gathered[..., index].mean().item())
+        if members == 2:
+            chosen, rejected = gathered[:, 0, 2], gathered[:, 1, 2]
+            self._metrics[mode]["implied_reward/chosen"].append(chosen.mean().item())
+            self._metrics[mode]["implied_reward/rejected"].append(rejected.mean().item())
+            self._metrics[mode]["implied_reward/margin"].append((chosen - rejected).mean().item())
+            self._metrics[mode]["implied_reward/accuracy"].append((chosen > rejected).float().mean().item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    # -- model card -------------------------------------------------------------------------------------------------
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        """Write a TRL-style README.md (base model, how to use, QRPO citation) into output_dir."""
+        if not self.is_world_process_zero():
+            return
+        base = self.model.config._name_or_path
+        tag_set = set([tags] if isinstance(tags, str) else tags or []) | set(self._tag_names)
+        card = generate_model_card(
+            base_model=base if base and not os.path.isdir(base) else None,
+            model_name=model_name or Path(self.args.output_dir).name,
+            hub_model_id=self.hub_model_id,
+            dataset_name=dataset_name,
+            tags=sorted(tag_set),
+            wandb_url=None,
+            trackio_url=None,
+            trainer_name="QRPO",
+            trainer_citation=QRPO_CITATION,
+            paper_title="Quantile Reward Policy Optimization: Alignment with Pointwise Regression and Exact Partition "
+            "Functions",
+            paper_id="2507.08068",
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def _save_checkpoint(self, model, trial):
+        self.create_model_card()
+        super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and (output_dir is None or Path(output_dir) == Path(self.args.output_dir)):
+            self.create_model_card()
+
+
+def _is_peft_model(model: torch.nn.Module) -> bool:
+    return is_peft_available() and isinstance(model, PeftModel)
+
+
+def _adapts_lm_head(model: torch.nn.Module) -> bool:
+    """Whether a PEFT adapter sits on the model's output projection."""
+    if not is_peft_available():
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    unwrapped = getattr(model, "module", model)  # DDP and DeepSpeed wrap the model in `.module`
+    return isinstance(unwrapped.get_output_embeddings(), BaseTunerLayer)
+
+
+__all__ = [
+    "QRPO_TRANSFORMS",
+    "DataCollatorForQRPO",
+    "QRPOConfig",
+    "QRPODatasetError",
+    "QRPOTrainer",
+    "beta_log_partition",
+    "effective_beta",
+    "qrpo_dataset_layout",
+    "qrpo_loss",
+    "quantile_rewards",
+    "reference_logps_column",
+    "tokenize_qrpo_row",
+    "transform_quantile_reward",
+]

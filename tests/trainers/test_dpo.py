@@ -1,0 +1,100 @@
+"""The DPO baseline on pairs from the QRPO data pipeline: it learns the preference, with and without LoRA."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from apertus_hf.recipe_args import recipe_config_from_dict
+from apertus_hf.trainers.dpo import RECIPE_FILE_NAME, DPORecipeConfig, run_dpo
+from apertus_hf.trainers.qrpo import UNPAIRED_COLUMNS
+from apertus_hf.trainers.qrpo_data import QRPOPrepareConfig, prepare_qrpo_dataset
+from apertus_hf.trainers.recipe import PostTrainingRecipeError
+from tests.trainers.tiny_policy import CHAT_ROWS, save_policy, stopping_policy, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    return save_policy(tmp_path_factory.mktemp("policy"), stopping_policy(stop_probability=0.1))
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory, policy_dir) -> Path:
+    folder = tmp_path_factory.mktemp("pairs")
+    config = QRPOPrepareConfig(
+        dataset=str(write_jsonl(folder / "chat.jsonl", CHAT_ROWS)),
+        model_name_or_path=str(policy_dir),
+        max_new_tokens=12,
+        batch_size=16,
+        output_dir=str(folder / "pairs"),
+    )
+    return prepare_qrpo_dataset(config).output_dir
+
+
+def dpo_recipe(tmp_path: Path, policy_dir: Path, dataset: Path, **overrides) -> DPORecipeConfig:
+    values = dict(
+        model_name_or_path=str(policy_dir),
+        dataset=str(dataset),
+        output_dir=str(tmp_path / "dpo"),
+        max_steps=6,
+        logging_steps=1,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        per_device_train_batch_size=8,  # every pair in every step: the margin is measured on the same batch
+        save_steps=100,
+        trainer_args={"use_cpu": True, "disable_tqdm": True},
+    )
+    return DPORecipeConfig(**{**values, **overrides})
+
+
+def logged_margins(result) -> list[float]:
+    return [entry["rewards/margins"] for entry in result.trainer.state.log_history if "rewards/margins" in entry]
+
+
+def test_dpo_widens_the_chosen_over_rejected_margin_and_saves_an_instruct_model(tmp_path, policy_dir, pairs_dir):
+    result = run_dpo(dpo_recipe(tmp_path, policy_dir, pairs_dir))
+    margins = logged_margins(result)
+    # beta * (chosen log-ratio - rejected log-ratio): 0 while the policy is the reference, then growing.
+    assert margins[0] == pytest.approx(0.0, abs=1e-6)
+    assert all(later > earlier for earlier, later in itertools.pairwise(margins[1:]))
+    assert margins[-1] > 0.01
+
+    assert result.model_dir == result.output_dir
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    initial = AutoModelForCausalLM.from_pretrained(policy_dir)
+    assert not torch.equal(model.lm_head.weight, initial.lm_head.weight)
+    assert GenerationConfig.from_pretrained(result.model_dir).eos_token_id == [2, 68, 72]
+    assert (result.output_dir / RECIPE_FILE_NAME).is_file()
+
+
+def test_dpo_with_lora_trains_an_adapter(tmp_path, policy_dir, pairs_dir):
+    result = run_dpo(
+        dpo_recipe(tmp_path, policy_dir, pairs_dir, use_lora=True, lora_r=4, learning_rate=1e-2, merge_lora=True)
+    )
+    margins = logged_margins(result)
+    assert margins[0] == pytest.approx(0.0, abs=1e-6) and margins[-1] > 0.01
+    assert (result.output_dir / "adapter_model.safetensors").is_file()
+    assert not (result.output_dir / "model.safetensors").exists()
+    # The merged model is a plain folder, with the adapter's effect in its weights.
+    assert result.model_dir == result.output_dir / "merged"
+    merged = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    initial = AutoModelForCausalLM.from_pretrained(policy_dir)
+    assert not torch.equal(
+        merged.model.layers[0].self_attn.q_proj.weight, initial.model.layers[0].self_attn.q_proj.weight
+    )
+
+
+def test_dpo_refuses_unpaired_data_and_says_how_to_get_pairs(tmp_path, policy_dir):
+    row = dict(zip(UNPAIRED_COLUMNS, ("Hi", " there", 0.5, [0.1, 0.5, 0.9]), strict=True))
+    Dataset.from_list([row] * 4).save_to_disk(str(tmp_path / "unpaired"))
+    with pytest.raises(PostTrainingRecipeError, match=r"unpaired QRPO dataset.*--selection pairs"):
+        run_dpo(dpo_recipe(tmp_path, policy_dir, tmp_path / "unpaired"))
+
+
+def test_tiny_recipe_writes_out_the_defaults():
+    path = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "tiny" / "dpo.yaml"
+    assert recipe_config_from_dict(DPORecipeConfig, yaml.safe_load(path.read_text())) == DPORecipeConfig()

@@ -1,0 +1,210 @@
+"""recipes/qrpo.py: the tiny recipe is the defaults, the Apertus recipes carry SPEC §4, the script runs under
+`accelerate launch`, and bad options fail with clear errors."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from apertus_hf import ApertusConfig, ApertusForCausalLM
+from apertus_hf.recipe_args import parse_recipe_args
+from apertus_hf.trainers import PostTrainingRecipeError, QRPODatasetError
+from apertus_hf.trainers.qrpo_recipe import RECIPE_FILE_NAME, QRPORecipeConfig, run_qrpo
+from tests.pretraining.conftest import SHIPPED_TOKENIZER, TINY_MODEL
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def policy_and_data(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random policy with the shipped tokenizer, and a saved paired QRPO dataset of chat prompts."""
+    folder = tmp_path_factory.mktemp("qrpo_recipe")
+    torch.manual_seed(0)
+    ApertusForCausalLM(ApertusConfig.from_preset("small", **TINY_MODEL, vocab_size=8192)).save_pretrained(
+        folder / "policy"
+    )
+    AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER).save_pretrained(folder / "policy")
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Write a word with {index % 5 + 1} letters."}],
+            "chosen": [{"role": "assistant", "content": "eerie"}],
+            "rejected": [{"role": "assistant", "content": "abc"}],
+            "chosen_reward": 0.6,
+            "rejected_reward": 0.0,
+            "ref_rewards": [0.0, 0.1, 0.2, 0.3],
+        }
+        for index in range(16)
+    ]
+    Dataset.from_list(rows).save_to_disk(str(folder / "data"))
+    return folder / "policy", folder / "data"
+
+
+def test_the_tiny_recipe_is_the_embedded_default():
+    written = yaml.safe_load((REPO_ROOT / "recipes" / "configs" / "tiny" / "qrpo.yaml").read_text())
+    assert written == dataclasses.asdict(QRPORecipeConfig())
+    assert all(field.metadata.get("help") for field in dataclasses.fields(QRPORecipeConfig))
+
+
+@pytest.mark.parametrize(("size", "learning_rate"), [("8b", 5e-7), ("70b", 1e-7)])
+def test_the_apertus_recipes_carry_the_spec_values(size, learning_rate):
+    recipe = parse_recipe_args(QRPORecipeConfig, ["--config", str(REPO_ROOT / "recipes/configs" / size / "qrpo.yaml")])
+    assert (recipe.beta, recipe.transform, recipe.length_normalize, recipe.max_normalized_beta) == (
+        5.0,
+        "identity",
+        True,
+        0.1,
+    )
+    assert recipe.learning_rate == learning_rate
+    assert recipe.ref_model_name_or_path is None  # the reference is the initial policy, log-probs precomputed
+    assert recipe.bf16 and recipe.activation_checkpointing
+
+
+def test_run_saves_a_plain_model_with_the_chat_generation_config(tmp_path, policy_and_data):
+    policy, data = policy_and_data
+    result = run_qrpo(
+        QRPORecipeConfig(
+            output_dir=str(tmp_path / "run"), model_name_or_path=str(policy), dataset=str(data), max_steps=3,
+            per_device_train_batch_size=4, eval_fraction=0.25, logging_steps=1, learning_rate=1e-3,
+            trainer_args={"disable_tqdm": True},
+        )
+    )  # fmt: skip
+    assert result.model_dir == tmp_path / "run"
+    assert {"eval_loss", "eval_quantile_reward", "train_loss"} <= set(result.metrics)
+    saved = yaml.safe_load((result.model_dir / RECIPE_FILE_NAME).read_text())
+    assert saved["dataset"] == str(data) and saved["max_steps"] == 3
+    generation = json.loads((result.model_dir / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [2, 68, 72]
+    assert json.loads((result.model_dir / "config.json").read_text())["eos_token_id"] == 68  # <|assistant_end|>
+    assert "QRPO" in (result.model_dir / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    assert not torch.equal(model.lm_head.weight, AutoModelForCausalLM.from_pretrained(policy).lm_head.weight)
+
+
+def test_lora_run_saves_the_adapter_and_a_merged_model(tmp_path, policy_and_data):
+    policy, data = policy_and_data
+    result = run_qrpo(
+        QRPORecipeConfig(
+            output_dir=str(tmp_path / "run"), model_name_or_path=str(policy), dataset=str(data), max_steps=2,
+            per_device_train_batch_size=4, eval_fraction=0.0, use_lora=True, lora_r=4, learning_rate=1e-2,
+            trainer_args={"disable_tqdm": True},
+        )
+    )  # fmt: skip
+    assert (tmp_path / "run" / "adapter_config.json").is_file()
+    assert result.model_dir == tmp_path / "run" / "merged"
+    merged = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    assert not torch.equal(
+        merged.model.layers[0].self_attn.q_proj.weight,
+        AutoModelForCausalLM.from_pretrained(policy).model.layers[0].self_attn.q_proj.weight,
+    )
+
+
+def test_recipe_script_runs_under_accelerate_launch(tmp_path, policy_and_data):
+    policy, data = policy_and_data
+    arguments = [
+        "--model_name_or_path", str(policy), "--dataset", str(data), "--output_dir", str(tmp_path / "run"),
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_fraction", "0",
+        "--trainer_args", "{disable_tqdm: true}",
+    ]  # fmt: skip
+    completed = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml",
+         "recipes/qrpo.py", *arguments],
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    assert f"Done: model in {tmp_path / 'run'}" in completed.stdout
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_two_processes_train_like_one(tmp_path, policy_and_data):
+    """DDP on 2 CPU processes with half the batch each: same reference log-probs, same updates, same model."""
+    policy, data = policy_and_data
+    arguments = [
+        "recipes/qrpo.py", "--model_name_or_path", str(policy), "--dataset", str(data), "--max_steps", "3",
+        "--eval_fraction", "0", "--learning_rate", "1e-2", "--warmup_ratio", "0", "--trainer_args", "{disable_tqdm: true}",
+    ]  # fmt: skip
+    runs = {
+        "one": ["--num_processes", "1", *arguments, "--per_device_train_batch_size", "4"],
+        "two": ["--multi_gpu", "--num_processes", "2", *arguments, "--per_device_train_batch_size", "2"],
+    }
+    for name, launch in runs.items():
+        completed = subprocess.run(
+            [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+             "--dynamo_backend", "no", *launch, "--output_dir", str(tmp_path / name)],
+            cwd=REPO_ROOT,
+            env={**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                 "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    assert not torch.equal(one["lm_head.weight"], AutoModelForCausalLM.from_pretrained(policy).lm_head.weight)
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, atol=2e-5, rtol=1e-4)
+
+
+def test_bad_options_and_data_are_named(tmp_path, policy_and_data):
+    policy, data = policy_and_data
+    with pytest.raises(PostTrainingRecipeError, match="transform must be one of"):
+        QRPORecipeConfig(transform="squared")
+    with pytest.raises(PostTrainingRecipeError, match=r"Dataset .* does not exist"):
+        run_qrpo(
+            QRPORecipeConfig(
+                model_name_or_path=str(policy), dataset=str(tmp_path / "missing"), output_dir=str(tmp_path)
+            )
+        )
+    with pytest.raises(PostTrainingRecipeError, match=r"Model folder .* does not exist"):
+        run_qrpo(
+            QRPORecipeConfig(model_name_or_path=str(tmp_path / "no_model"), dataset=str(data), output_dir=str(tmp_path))
+        )
+    unpaired = tmp_path / "unpaired.jsonl"
+    unpaired.write_text(json.dumps({"prompt": "Hi", "completion": "there", "reward": 1.0}) + "\n")
+    with pytest.raises(QRPODatasetError, match=r"misses the columns \['ref_rewards'\]"):
+        run_qrpo(
+            QRPORecipeConfig(
+                model_name_or_path=str(policy), dataset=str(unpaired), output_dir=str(tmp_path / "r"), eval_fraction=0.0
+            )
+        )
+
+
+def test_hub_model_id_pushes_the_model_and_its_card(tmp_path, policy_and_data):
+    """With hub_model_id the trained model, tokenizer, generation config and QRPO card land in the Hub repo (a
+    Hub-compatible server on 127.0.0.1)."""
+    import huggingface_hub
+
+    from tests.hub_server import start_fake_hub
+
+    policy, data = policy_and_data
+    hub, server = start_fake_hub(tmp_path / "hub")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # tests run with HF_HUB_OFFLINE=1
+            patch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+            patch.setenv("HF_ENDPOINT", hub.url)
+            run_qrpo(
+                QRPORecipeConfig(
+                    output_dir=str(tmp_path / "run"), model_name_or_path=str(policy), dataset=str(data), max_steps=2,
+                    per_device_train_batch_size=4, eval_fraction=0.0, hub_model_id="org/qrpo-tiny",
+                    trainer_args={"disable_tqdm": True, "hub_token": "test-token", "save_strategy": "no"},
+                )
+            )  # fmt: skip
+        files = hub.repo_files("org/qrpo-tiny")
+    finally:
+        server.shutdown()
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= set(files)
+    assert b"QRPO" in files["README.md"]
+    assert json.loads(files["generation_config.json"])["eos_token_id"] == [2, 68, 72]
