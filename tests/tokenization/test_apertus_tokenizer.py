@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +204,17 @@ print(json.dumps({
     assert not reloaded["apertus_hf_imported"]
     assert reloaded["ids"] == [tokenizer(text).input_ids for text in MULTILINGUAL_TEXTS]
     assert reloaded["rendering"] == EXPECTED_RENDERING
+
+
+def test_recipes_name_the_apertus_tokenizer_apertus(tokenizer):
+    """`tokenizer: apertus` in a recipe builds this tokenizer; the 8B/70B pretraining recipes use it."""
+    from apertus_hf.pretraining import PretrainConfig
+    from apertus_hf.recipe_args import parse_recipe_args
+    from apertus_hf.tokenization import load_tokenizer
+
+    built = load_tokenizer("apertus")
+    assert built.get_vocab() == tokenizer.get_vocab() and built.chat_template == tokenizer.chat_template
+    assert len(load_tokenizer(str(Path(__file__).resolve().parents[2] / "data" / "tokenizer"))) == 8192
+    for size in ("8b", "70b"):
+        recipe = Path(__file__).resolve().parents[2] / "recipes" / "configs" / size / "pretrain.yaml"
+        assert parse_recipe_args(PretrainConfig, ["--config", str(recipe)]).tokenizer == "apertus"

@@ -3,9 +3,6 @@
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from apertus_hf.recipe_args import parse_recipe_args
 from apertus_hf.trainers import PostTrainingRecipeError, QRPODatasetError
 from apertus_hf.trainers.qrpo_recipe import RECIPE_FILE_NAME, QRPORecipeConfig, run_qrpo
 from tests.pretraining.conftest import SHIPPED_TOKENIZER, TINY_MODEL
+from tests.trainers.conftest import launch_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,16 +111,7 @@ def test_recipe_script_runs_under_accelerate_launch(tmp_path, policy_and_data):
         "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_fraction", "0",
         "--trainer_args", "{disable_tqdm: true}",
     ]  # fmt: skip
-    completed = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml",
-         "recipes/qrpo.py", *arguments],
-        cwd=REPO_ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    completed = launch_recipe("qrpo.py", arguments)
     assert f"Done: model in {tmp_path / 'run'}" in completed.stdout
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
@@ -131,25 +120,17 @@ def test_two_processes_train_like_one(tmp_path, policy_and_data):
     """DDP on 2 CPU processes with half the batch each: same reference log-probs, same updates, same model."""
     policy, data = policy_and_data
     arguments = [
-        "recipes/qrpo.py", "--model_name_or_path", str(policy), "--dataset", str(data), "--max_steps", "3",
-        "--eval_fraction", "0", "--learning_rate", "1e-2", "--warmup_ratio", "0", "--trainer_args", "{disable_tqdm: true}",
+        "--model_name_or_path", str(policy), "--dataset", str(data), "--max_steps", "3", "--eval_fraction", "0",
+        "--learning_rate", "1e-2", "--warmup_ratio", "0", "--trainer_args", "{disable_tqdm: true}",
     ]  # fmt: skip
-    runs = {
-        "one": ["--num_processes", "1", *arguments, "--per_device_train_batch_size", "4"],
-        "two": ["--multi_gpu", "--num_processes", "2", *arguments, "--per_device_train_batch_size", "2"],
-    }
-    for name, launch in runs.items():
-        completed = subprocess.run(
-            [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-             "--dynamo_backend", "no", *launch, "--output_dir", str(tmp_path / name)],
-            cwd=REPO_ROOT,
-            env={**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                 "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )  # fmt: skip
-        assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    plain = ("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    cpu = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    for name, launcher, batch in (
+        ("one", ("--num_processes", "1"), "4"),
+        ("two", ("--multi_gpu", "--num_processes", "2"), "2"),
+    ):
+        output = ["--output_dir", str(tmp_path / name), "--per_device_train_batch_size", batch]
+        launch_recipe("qrpo.py", [*arguments, *output], launcher=(*plain, *launcher), env=cpu)
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     assert not torch.equal(one["lm_head.weight"], AutoModelForCausalLM.from_pretrained(policy).lm_head.weight)

@@ -2,10 +2,7 @@
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from apertus_hf.trainers.recipe import PostTrainingRecipeError
 from apertus_hf.trainers.sft import RECIPE_FILE_NAME, SFTRecipeConfig, build_sft_trainer, run_sft
 from tests.helpers import tiny_bpe_tokenizer
 from tests.pretraining.conftest import REPO_ROOT, SHIPPED_TOKENIZER, TINY_MODEL
+from tests.trainers.conftest import launch_recipe
 
 CHAT = REPO_ROOT / "data" / "chat"
 
@@ -234,16 +232,7 @@ def test_recipe_script_runs_under_accelerate_launch(tiny_model_dir, chat_slice, 
         "--max_steps", "4", "--per_device_train_batch_size", "4", "--logging_steps", "2",
         "--eval_dataset_split", "null", "--trainer_args", "{disable_tqdm: true}",
     ]  # fmt: skip
-    completed = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml",
-         "recipes/sft.py", *arguments],
-        cwd=REPO_ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    completed = launch_recipe("sft.py", arguments)
     assert "Done: 4 steps, train loss " in completed.stdout
     assert f"model in {tmp_path}." in completed.stdout
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / RECIPE_FILE_NAME).is_file()
@@ -273,16 +262,7 @@ def test_deepspeed_zero3_on_two_cpu_processes_trains_and_saves_the_full_model(ti
         "--max_steps", "6", "--save_steps", "6", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
         "--logging_steps", "2", "--eval_on_start", "false", "--trainer_args", "{disable_tqdm: true}",
     ]  # fmt: skip
-    completed = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-         "recipes/sft.py", *arguments],
-        cwd=REPO_ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    completed = launch_recipe("sft.py", arguments, launcher=("--config_file", str(accelerate_config)))
     assert "Done: 6 steps" in completed.stdout
     # Two ranks, each with its own shard of the optimizer state.
     assert len(list((output_dir / "checkpoint-6").rglob("*optim_states.pt"))) == 2

@@ -66,7 +66,10 @@ class PretrainConfig:
     tokenizer: str = field(
         default="data/tokenizer",
         metadata={
-            "help": "Tokenizer folder or Hub id; its BOS/EOS/pad ids are used for packing and saved with the model."
+            "help": (
+                "Tokenizer folder or Hub id, or 'apertus' for the real Apertus tokenizer built offline from tekken v3 "
+                "(needs mistral-common); its BOS/EOS/pad ids are used for packing and saved with the model."
+            )
         },
     )
     data: list[dict[str, Any]] = field(

@@ -31,11 +31,12 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
 from ..configuration_apertus import ApertusConfig
 from ..data import DataSource, LoadStats, PackedBatchCollator, load_documents, tokenize_and_pack
 from ..optim import AdEMAMix, WSDSchedule, build_parameter_groups
+from ..tokenization import load_tokenizer
 from .checkpointing import TrainingProgress, load_latest_checkpoint, save_checkpoint
 from .config import PretrainConfig
 from .metrics import MetricsFile, peak_flops_per_device, training_flops_per_token
@@ -376,7 +377,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     )
     set_seed(config.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+    tokenizer = load_tokenizer(config.tokenizer)
     train_rows, eval_rows = _build_datasets(config, tokenizer, accelerator)
     collator = PackedBatchCollator(
         goldfish_k=config.goldfish_k if config.goldfish else None, goldfish_h=config.goldfish_h

@@ -1,6 +1,6 @@
 """Apertus tokenizer: the real tekken v3 tokenizer with its chat template, the special-token layout, and BPE training."""
 
-from .apertus import apertus_generation_config, load_apertus_tokenizer
+from .apertus import APERTUS_TOKENIZER_NAME, apertus_generation_config, load_apertus_tokenizer, load_tokenizer
 from .chat_template import APERTUS_CHAT_TEMPLATE, APERTUS_DEFAULT_SYSTEM_PROMPT
 from .special_tokens import (
     BOS_TOKEN,
@@ -28,6 +28,7 @@ from .training import (
 __all__ = [
     "APERTUS_CHAT_TEMPLATE",
     "APERTUS_DEFAULT_SYSTEM_PROMPT",
+    "APERTUS_TOKENIZER_NAME",
     "BOS_TOKEN",
     "BOS_TOKEN_ID",
     "EOS_TOKEN",
@@ -46,6 +47,7 @@ __all__ = [
     "corpus_token_statistics",
     "iter_corpus_texts",
     "load_apertus_tokenizer",
+    "load_tokenizer",
     "special_token_layout",
     "train_bpe_tokenizer",
 ]

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
-from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 from transformers.integrations.mistral.tokenizer import MistralConverter
 
 from .chat_template import APERTUS_CHAT_TEMPLATE
@@ -94,6 +94,17 @@ def load_apertus_tokenizer(tekken_path: str | Path | None = None) -> PreTrainedT
             f"{APERTUS_VOCAB_SIZE}; an ordinary tekken token collides with an Apertus special-token name."
         )
     return wrap_apertus_tokenizer(tokenizer, APERTUS_MODEL_MAX_LENGTH, APERTUS_CHAT_TEMPLATE)
+
+
+APERTUS_TOKENIZER_NAME = "apertus"
+"""What recipes write for `tokenizer` to get `load_apertus_tokenizer()`: the real Apertus tokenizer, built offline."""
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
+    """`load_apertus_tokenizer()` for the name "apertus", else `AutoTokenizer.from_pretrained(name_or_path)`."""
+    if name_or_path == APERTUS_TOKENIZER_NAME:
+        return load_apertus_tokenizer()
+    return AutoTokenizer.from_pretrained(name_or_path)
 
 
 def apertus_generation_config() -> GenerationConfig:

@@ -23,7 +23,6 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainingArguments,
@@ -31,7 +30,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..optim import AdEMAMix
-from ..tokenization import APERTUS_CHAT_TEMPLATE, NAMED_SPECIAL_TOKENS
+from ..tokenization import APERTUS_CHAT_TEMPLATE, APERTUS_TOKENIZER_NAME, NAMED_SPECIAL_TOKENS, load_tokenizer
 from ..tokenization.apertus import apertus_generation_config
 from ..tokenization.special_tokens import ASSISTANT_END_TOKEN_ID
 
@@ -70,7 +69,10 @@ class PostTrainingRecipeConfig:
     )
     tokenizer_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Tokenizer folder or Hub id; default: the model's own. It must carry the Apertus template."},
+        metadata={
+            "help": "Tokenizer folder or Hub id, or 'apertus' for the real Apertus tokenizer built offline; default: "
+            "the model's own."
+        },
     )
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention backend: sdpa, eager, flex_attention or flash_attention_2."}
@@ -327,8 +329,9 @@ def load_policy_model(recipe: PostTrainingRecipeConfig, name_or_path: str | None
 def load_chat_tokenizer(recipe: PostTrainingRecipeConfig) -> PreTrainedTokenizerBase:
     """The recipe's tokenizer; it must have a chat template and a pad token."""
     source = recipe.tokenizer_name_or_path or recipe.model_name_or_path
-    check_model_source(source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    if source != APERTUS_TOKENIZER_NAME:
+        check_model_source(source)
+    tokenizer = load_tokenizer(source)
     if not tokenizer.chat_template and has_apertus_special_tokens(tokenizer):
         # Tokenizers saved before the template existed have the Apertus chat tokens at the Apertus ids, so the
         # Apertus template renders correctly with them.
