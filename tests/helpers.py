@@ -89,3 +89,18 @@ def tiny_bpe_tokenizer(vocab_size: int = 320):
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+# An accelerate config for DeepSpeed ZeRO-3 on two CPU processes (see FINDINGS: `use_cpu: false`, gloo backend).
+ZERO3_CPU_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: 3
+  zero3_init_flag: true
+  zero3_save_16bit_model: true
+num_machines: 1
+num_processes: 2
+use_cpu: false
+mixed_precision: "no"
+"""

@@ -12,21 +12,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apertus_hf.data import DataSource, PackedBatchCollator, load_documents, tokenize_and_pack
 from apertus_hf.pretraining import PretrainConfig, complete_checkpoints, pretrain, read_metrics
+from tests.helpers import ZERO3_CPU_CONFIG
 from tests.pretraining.conftest import run_recipe, tiny_run, write_recipe
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-ZERO3_CPU_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-deepspeed_config:
-  zero_stage: 3
-  zero3_init_flag: true
-  zero3_save_16bit_model: true
-num_machines: 1
-num_processes: 2
-use_cpu: false
-mixed_precision: "no"
-"""
 
 
 def _launch(args: list[str], launcher: list[str], env: dict | None = None) -> str:

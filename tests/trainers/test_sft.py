@@ -19,7 +19,7 @@ from apertus_hf.recipe_args import parse_recipe_args
 from apertus_hf.tokenization.special_tokens import ASSISTANT_END_TOKEN_ID, EOS_TOKEN_ID, TOOLS_SUFFIX_TOKEN_ID
 from apertus_hf.trainers.recipe import PostTrainingRecipeError
 from apertus_hf.trainers.sft import RECIPE_FILE_NAME, SFTRecipeConfig, build_sft_trainer, run_sft
-from tests.helpers import tiny_bpe_tokenizer
+from tests.helpers import ZERO3_CPU_CONFIG, tiny_bpe_tokenizer
 from tests.pretraining.conftest import REPO_ROOT, SHIPPED_TOKENIZER, TINY_MODEL
 from tests.trainers.conftest import launch_recipe
 
@@ -236,20 +236,6 @@ def test_recipe_script_runs_under_accelerate_launch(tiny_model_dir, chat_slice, 
     assert "Done: 4 steps, train loss " in completed.stdout
     assert f"model in {tmp_path}." in completed.stdout
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / RECIPE_FILE_NAME).is_file()
-
-
-ZERO3_CPU_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-deepspeed_config:
-  zero_stage: 3
-  zero3_init_flag: true
-  zero3_save_16bit_model: true
-num_machines: 1
-num_processes: 2
-use_cpu: false
-mixed_precision: "no"
-"""
 
 
 def test_deepspeed_zero3_on_two_cpu_processes_trains_and_saves_the_full_model(tiny_model_dir, chat_slice, tmp_path):

@@ -160,10 +160,28 @@ def qrpo_loss(
     # At least float32: the loss is a small difference of larger terms (bf16 log-probs would swamp it).
     dtype = torch.promote_types(logps.dtype, torch.float32)
     log_ratio = logps.to(dtype) - ref_logps.to(dtype)
-    betas = effective_beta(beta, log_ratio, completion_lengths, length_normalize, max_normalized_beta)
-    quantile = quantile_rewards(rewards, ref_rewards).to(dtype)
-    target = transform_quantile_reward(quantile, transform, ref_rewards.shape[1]) - beta_log_partition(betas, transform)
+    betas, _, target = regression_target(
+        log_ratio, rewards, ref_rewards, beta, transform, completion_lengths, length_normalize, max_normalized_beta
+    )
     return (target - betas * log_ratio) ** 2
+
+
+def regression_target(
+    log_ratio: torch.Tensor,
+    rewards: torch.Tensor,
+    ref_rewards: torch.Tensor,
+    beta: float,
+    transform: QRPOTransform,
+    completion_lengths: torch.Tensor | None,
+    length_normalize: bool,
+    max_normalized_beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(effective betas, quantile rewards, target f(R_q) - beta log Z) of each completion, in `log_ratio`'s dtype:
+    what `qrpo_loss` regresses beta * log_ratio onto, and what the trainer logs."""
+    betas = effective_beta(beta, log_ratio, completion_lengths, length_normalize, max_normalized_beta)
+    quantile = quantile_rewards(rewards, ref_rewards).to(log_ratio.dtype)
+    target = transform_quantile_reward(quantile, transform, ref_rewards.shape[1]) - beta_log_partition(betas, transform)
+    return betas, quantile, target
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -638,13 +656,16 @@ class QRPOTrainer(Trainer):
         self, mode: str, inputs: dict[str, torch.Tensor], logps: torch.Tensor, completion_lengths: torch.Tensor
     ) -> None:
         log_ratio = logps.float() - inputs["ref_logps"].float()
-        betas = effective_beta(
-            self.args.beta, log_ratio, completion_lengths, self.args.length_normalize, self.args.max_normalized_beta
+        betas, quantile, target = regression_target(
+            log_ratio,
+            inputs["rewards"],
+            inputs["ref_rewards"],
+            self.args.beta,
+            self.args.transform,
+            completion_lengths,
+            self.args.length_normalize,
+            self.args.max_normalized_beta,
         )
-        quantile = quantile_rewards(inputs["rewards"], inputs["ref_rewards"])
-        target = transform_quantile_reward(
-            quantile, self.args.transform, inputs["ref_rewards"].shape[1]
-        ) - beta_log_partition(betas, self.args.transform)
         implied = betas * log_ratio
         per_sequence = torch.stack(
             [quantile, log_ratio, implied, target, betas, logps.float(), completion_lengths.float()], dim=-1
@@ -740,6 +761,7 @@ __all__ = [
     "qrpo_loss",
     "quantile_rewards",
     "reference_logps_column",
+    "regression_target",
     "tokenize_qrpo_row",
     "transform_quantile_reward",
 ]
