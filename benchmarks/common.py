@@ -160,7 +160,11 @@ def add_input_output_arguments(parser: argparse.ArgumentParser, data_help: str |
     """`--seed`, `--data` (the shipped corpus), `--tokenizer` (the shipped tokenizer) and `--json`."""
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data", default=str(REPO_ROOT / "data" / "corpus"), help=data_help)
-    parser.add_argument("--tokenizer", default=str(REPO_ROOT / "data" / "tokenizer"))
+    parser.add_argument(
+        "--tokenizer",
+        default=str(REPO_ROOT / "data" / "tokenizer"),
+        help="tokenizer folder, or apertus for the real 131,072-token Apertus tokenizer (built offline)",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file ('-': print them instead)")
 
 

@@ -127,12 +127,13 @@ def measure_trainer(args: argparse.Namespace, results: multiprocessing.Queue) ->
     """Steady-state throughput and peak memory of `transformers.Trainer` with the stock Apertus; fresh process."""
     import_peak = common.peak_rss_after_imports(LIBRARIES)
     import transformers
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from apertus_hf.data import PackedBatchCollator
+    from apertus_hf.tokenization import load_tokenizer
 
     transformers.set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     rows = build_rows(args, tokenizer)
     stock_config = transformers.ApertusConfig(**build_model_config(args, tokenizer).to_diff_dict())
     stock_config._attn_implementation = args.attn_implementation

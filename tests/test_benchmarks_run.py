@@ -69,3 +69,26 @@ def test_qrpo_step_benchmark_runs_at_a_tiny_size():
     assert configs["qrpo"]["reference_pass_seconds"] > 0
     assert configs["dpo_precomputed"]["reference_pass_seconds"] > 0
     assert configs["dpo"]["reference_pass_seconds"] == 0
+
+
+@pytest.mark.slow
+def test_model_speed_benchmark_runs_at_a_tiny_size(tmp_path):
+    results = tmp_path / "model_speed.json"
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "benchmarks" / "model_speed.py"),
+        *("--vocab-size", "4096", "--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2"),
+        *("--num-heads", "2", "--num-kv-heads", "1", "--seq-len", "64", "--steps", "2", "--rounds", "1"),
+        *("--json", str(results)),
+    ]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    assert "apertus_hf / transformers: speed" in completed.stdout
+    summary = json.loads(results.read_text())
+    for name in ("apertus_hf", "transformers"):
+        row = summary[name]
+        assert row["tokens_per_second"] > 0 and row["peak_memory_mib"] > 0, name
+        assert 0 < row["mfu_measured_peak"] < 1, name
+        assert row["mfu_datasheet_peak"] is None  # no data sheet peak for a CPU
+    ratio = summary["apertus_hf"]["tokens_per_second"] / summary["transformers"]["tokens_per_second"]
+    assert summary["speed_ratio"] == pytest.approx(ratio)

@@ -1,7 +1,7 @@
 """The Apertus decoder (Swiss AI, arXiv 2509.14233), written for training.
 
 Numerically the same function as `transformers.ApertusForCausalLM` and loading the same checkpoints (same
-parameter and buffer names), with two things the stock model does not do:
+parameter and buffer names), with what the stock model does not do for training:
 
 - Packed rows stay document-masked whatever else is passed. `transformers` detects documents from restarting
   `position_ids` only when there is neither an attention mask nor a cache; here a fresh forward pass (empty or
@@ -10,6 +10,9 @@ parameter and buffer names), with two things the stock model does not do:
 - The pretraining initialisation of the Apertus runs (output projections scaled by 1/sqrt(2 * layers)) and an
   `_init_weights` that covers every parameter and buffer, so `from_pretrained` with missing keys never leaves
   memory uninitialised.
+- A loss that never builds the logits in training (`apertus_hf.loss`: LM head and cross-entropy in chunks, at kept
+  targets only), a fused xIELU on GPU (`compiled_xielu`), and regional compilation of the decoder layers
+  (`compile_decoder_layers`).
 
 Read top to bottom: xIELU, RMSNorm, rotary embedding, attention, MLP, decoder layer, pretrained base, model,
 heads.
@@ -17,6 +20,7 @@ heads.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -36,6 +40,38 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_apertus import ApertusConfig
+from .loss import chunked_causal_lm_loss
+
+
+def xielu(
+    hidden_states: torch.Tensor,
+    alpha_p: torch.Tensor,
+    alpha_n: torch.Tensor,
+    beta: torch.Tensor,
+    eps: torch.Tensor,
+) -> torch.Tensor:
+    """xIELU of `hidden_states` from the stored (pre-softplus) `alpha_p`, `alpha_n` and the fixed `beta`, `eps`."""
+    alpha_p = nn.functional.softplus(alpha_p)
+    alpha_n = beta + nn.functional.softplus(alpha_n)
+    # Same operations in the same order as transformers' XIELUActivation, so bf16 gradients match bit for bit.
+    positive = alpha_p * hidden_states * hidden_states + beta * hidden_states
+    negative = (torch.expm1(torch.min(hidden_states, eps)) - hidden_states) * alpha_n + beta * hidden_states
+    return torch.where(hidden_states > 0, positive, negative)
+
+
+@functools.cache
+def compiled_xielu() -> Callable:
+    """The fused GPU xIELU: `torch.compile(xielu)`.
+
+    Inductor turns the element-wise graph into one Triton kernel for the forward and one for the backward, and its
+    partitioner saves only the input for the backward instead of four intermediates. Built on first use (importing
+    the compiler costs most of a second); `dynamic=None` compiles static shapes first and symbolic ones after a
+    shape changes.
+    """
+    return torch.compile(xielu, dynamic=None)
+
+
+XIELU_IMPLEMENTATIONS = ("auto", "eager", "compiled")
 
 
 class ApertusXIELU(nn.Module):
@@ -47,6 +83,10 @@ class ApertusXIELU(nn.Module):
         a_p = softplus(alpha_p)          a_n = beta + softplus(alpha_n)
         x > 0 :  a_p * x^2 + beta * x
         x <= 0:  a_n * (expm1(min(x, eps)) - x) + beta * x
+
+    `implementation`: "eager" runs the formula op by op (bit-equal to `transformers`), "compiled" runs
+    `compiled_xielu` (fused kernels; rounds once instead of after each op in bf16), "auto" compiles on CUDA only.
+    Set it for a whole model with `ApertusPreTrainedModel.set_xielu_implementation`.
     """
 
     alpha_p_init = 0.8
@@ -60,6 +100,7 @@ class ApertusXIELU(nn.Module):
         self.alpha_n = nn.Parameter(torch.tensor([self.initial_alpha_n()]))
         self.beta = nn.Buffer(torch.tensor(self.beta_value))
         self.eps = nn.Buffer(torch.tensor(self.eps_value))
+        self.implementation = "auto"
 
     @classmethod
     def initial_alpha_p(cls) -> float:
@@ -72,14 +113,14 @@ class ApertusXIELU(nn.Module):
         return math.log(math.expm1(cls.alpha_n_init - cls.beta_value))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        alpha_p = nn.functional.softplus(self.alpha_p)
-        alpha_n = self.beta + nn.functional.softplus(self.alpha_n)
-        # Same operations in the same order as transformers' XIELUActivation, so bf16 gradients match bit for bit.
-        positive = alpha_p * hidden_states * hidden_states + self.beta * hidden_states
-        negative = (
-            torch.expm1(torch.min(hidden_states, self.eps)) - hidden_states
-        ) * alpha_n + self.beta * hidden_states
-        return torch.where(hidden_states > 0, positive, negative)
+        fused = self.implementation == "compiled" or (self.implementation == "auto" and hidden_states.is_cuda)
+        # Inside a compiled region (`compile_decoder_layers`) the formula is traced and fused with its neighbours.
+        fused = fused and not torch.compiler.is_compiling()
+        activation = compiled_xielu() if fused else xielu
+        return activation(hidden_states, self.alpha_p, self.alpha_n, self.beta, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"implementation={self.implementation}"
 
 
 class ApertusRMSNorm(nn.Module):
@@ -322,6 +363,26 @@ class ApertusPreTrainedModel(PreTrainedModel):
         "attentions": ApertusAttention,
     }
 
+    def set_xielu_implementation(self, implementation: str) -> None:
+        """Run every xIELU "eager" (op by op), "compiled" (fused kernels) or "auto" (compiled on CUDA only)."""
+        if implementation not in XIELU_IMPLEMENTATIONS:
+            raise ValueError(f"xIELU implementation {implementation!r} is not one of {XIELU_IMPLEMENTATIONS}.")
+        for module in self.modules():
+            if isinstance(module, ApertusXIELU):
+                module.implementation = implementation
+
+    def compile_decoder_layers(self, **compile_kwargs) -> None:
+        """Regional compilation: `torch.compile` each decoder layer in place (arguments go to `torch.compile`).
+
+        Compiling the repeated block instead of the whole model compiles one graph and reuses it for every layer
+        (each layer's guards only differ in its parameters), and leaves what varies from batch to batch outside:
+        the document mask construction and the loss. In place (`nn.Module.compile`), so parameter names and
+        checkpoints stay those of the eager model.
+        """
+        for module in self.modules():
+            if isinstance(module, ApertusDecoderLayer):
+                module.compile(**compile_kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """The Apertus pretraining initialisation (SPEC §1), covering every parameter and buffer.
@@ -472,11 +533,17 @@ class ApertusForCausalLM(ApertusPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Token ids to predict, unshifted (the loss shifts them); -100 marks positions left out of the loss.
+        skip_logits (`bool`, *optional*):
+            Compute the loss with `apertus_hf.loss.chunked_causal_lm_loss` (the LM head and cross-entropy in chunks,
+            only at kept targets) and return no logits. Default: in training mode when labels are given, as
+            `liger-kernel` does; `Trainer.evaluate` passes `True` itself when it needs only the loss, and reads the
+            logits otherwise. A LoRA adapter on `lm_head` (or `logits_to_keep`) falls back to the full logits.
 
         ```python
         >>> import torch
@@ -496,12 +563,30 @@ class ApertusForCausalLM(ApertusPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        has_targets = labels is not None or kwargs.get("shift_labels") is not None
+        if skip_logits is None:
+            skip_logits = self.training and has_targets
+        if skip_logits and not has_targets:
+            raise ValueError("skip_logits=True returns only the loss, so it needs labels (or shift_labels).")
+        # A PEFT adapter replaces the `nn.Linear` head with a wrapper whose weight alone is not the head.
+        chunked = (
+            skip_logits and type(self.lm_head) is nn.Linear and isinstance(logits_to_keep, int) and logits_to_keep == 0
+        )
 
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits = loss = None
+        if chunked:
+            loss = chunked_causal_lm_loss(
+                outputs.last_hidden_state,
+                self.lm_head.weight,
+                labels,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+                shift_labels=kwargs.get("shift_labels"),
+            )
+        else:
+            hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+            logits = self.lm_head(hidden_states)
+            if has_targets:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return CausalLMOutputWithPast(
             loss=loss,

@@ -94,6 +94,18 @@ def test_deepspeed_zero3_on_two_cpu_processes_trains_resumes_and_exports(tmp_pat
     assert len(shards) == 2, shards
 
     assert not (output_dir / "model").exists()
+    # The chunked loss reads the LM-head weight without calling `lm_head`, so it gathers the ZeRO-3 shards itself and
+    # its gradient must reach the partitioned weight: the same run with the full logits gives the same losses.
+    plain_dir = tmp_path / "zero3_plain"
+    plain_recipe = write_recipe(
+        tmp_path / "zero3_plain.yaml", {**options, "output_dir": str(plain_dir), "chunked_loss": False}
+    )
+    _launch(["--config", str(plain_recipe), "--stop_at_step", "8"], launcher)
+    chunked_losses, plain_losses = _losses(output_dir), _losses(plain_dir)
+    assert sorted(chunked_losses) == list(range(1, 9))
+    for step, loss in plain_losses.items():
+        assert chunked_losses[step] == pytest.approx(loss, rel=1e-5), step
+
     _launch(["--config", str(recipe)], launcher)
     assert "Resumed from" in (output_dir / "train.log").read_text()
     losses = _losses(output_dir)

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..acceleration import ATTENTION_IMPLEMENTATIONS
 from ..configuration_apertus import PRESETS
 
 
@@ -50,16 +51,39 @@ class PretrainConfig:
         },
     )
     attn_implementation: str = field(
-        default="sdpa",
+        default="auto",
         metadata={
             "help": (
-                "Attention backend: sdpa, eager, flex_attention or flash_attention_2 (packed rows stay document-masked "
-                "on all of them)."
+                "Attention backend. auto: flash_attention_2 when flash-attn is installed and the run is on CUDA "
+                "(varlen over the packed documents), else sdpa (with the document mask). Or sdpa, eager, "
+                "flex_attention, flash_attention_2: packed rows stay document-masked on all of them."
             )
         },
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Compute the LM head and cross-entropy in chunks at kept targets only, never the full logits "
+                "(apertus_hf.loss); false builds the logits as transformers does."
+            )
+        },
+    )
+    xielu_implementation: Literal["auto", "eager", "compiled"] = field(
+        default="auto",
+        metadata={"help": "xIELU: compiled (fused kernels), eager (op by op), auto (compiled on CUDA only)."},
+    )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "torch.compile each decoder layer (regional compilation: one graph reused by every layer); the "
+                "first steps pay the compilation."
+            )
+        },
     )
 
     # Data
@@ -244,6 +268,10 @@ class PretrainConfig:
         for name in ("eval_steps", "checkpoint_steps", "eval_documents", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 disables it).")
+        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation={self.attn_implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}."
+            )
         if self.model_preset not in PRESETS:
             raise ValueError(f"model_preset={self.model_preset!r} is not a preset; choose one of {sorted(PRESETS)}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):

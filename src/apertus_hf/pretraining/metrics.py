@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,16 @@ import torch
 
 from ..configuration_apertus import ApertusConfig
 
-# Dense bf16 tensor-core peak of one device, FLOP/s, from the vendors' data sheets (without sparsity).
+# Dense bf16 tensor-core peak of one device, FLOP/s, from the vendors' data sheets (without sparsity). Matched
+# against the CUDA device name in this order, so the PCIe and NVL variants come before the SXM "H100".
 PEAK_BF16_FLOPS = {
-    "H200": 989.4e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "GH200": 989.4e12,
+    "H200": 989.4e12,
     "H100": 989.4e12,
     "H800": 989.4e12,
+    "B200": 2250e12,
     "A100": 312e12,
     "A800": 312e12,
     "L40S": 362.05e12,
@@ -35,12 +40,44 @@ def peak_flops_per_device(device: torch.device) -> float | None:
     return None
 
 
-def training_flops_per_token(config: ApertusConfig, seq_len: int) -> float:
-    """FLOPs of one forward and backward pass per token, as in PaLM (Chowdhery et al. 2022, appendix B).
+def measure_matmul_flops(
+    device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 8192, seconds: float = 2.0
+) -> float:
+    """The FLOP/s a square `size` matmul reaches on `device`: the achievable peak, to state next to the data sheet's.
 
-    6 x the parameters of every matrix multiply (the input embedding is a lookup and is left out; the LM head is a
-    matmul and is counted), plus 12 x layers x heads x head_dim x seq_len for the attention scores and values over a
-    full row. Like PaLM we do not discount causal or document masking, so MFU compares across setups.
+    Timed over about `seconds` after a warm-up; 2 * size^3 FLOPs per matmul.
+    """
+    left = torch.randn(size, size, device=device, dtype=dtype)
+    right = torch.randn(size, size, device=device, dtype=dtype)
+    output = torch.empty(size, size, device=device, dtype=dtype)
+
+    def run(count: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(count):
+            torch.mm(left, right, out=output)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    first = run(1)
+    count = max(1, int(seconds / max(first, 1e-6)))
+    return 2 * size**3 * count / run(count)
+
+
+def training_flops_per_token(config: ApertusConfig, seq_len: int) -> float:
+    """Model FLOPs of one forward and backward pass per token, as in PaLM (Chowdhery et al. 2022, appendix B).
+
+    Matmuls: 2 FLOPs per parameter per token forward, 4 backward (gradients of the input and of the weight), so
+    6 x the parameters of every matrix multiply: q/k/v/o and up/down projections of each layer, and the LM head. The
+    input embedding is a lookup and is left out; norms, xIELU and the softmax are element-wise and left out.
+    Attention: QK^T and the attention-weighted values are each 2 x heads x head_dim FLOPs per token per attended
+    position forward, x3 with the backward, over seq_len positions: 12 x layers x heads x head_dim x seq_len.
+
+    These are the FLOPs the model needs, not the ones an implementation runs: like PaLM we do not discount causal or
+    document masking, nor the targets the chunked loss skips, and we do not add activation-checkpointing
+    recomputation, so MFU compares across implementations and setups. MFU = tokens/s x this / peak FLOP/s.
     """
     head_dim = config.resolved_head_dim
     attention = config.hidden_size * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)

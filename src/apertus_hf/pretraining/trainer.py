@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
+from ..acceleration import apply_speed_options, resolve_attn_implementation
 from ..configuration_apertus import ApertusConfig
 from ..data import DataSource, LoadStats, PackedBatchCollator, load_documents, tokenize_and_pack
 from ..optim import AdEMAMix, WSDSchedule, build_parameter_groups
@@ -202,14 +203,15 @@ def pretraining_model_config(
     )
 
 
-def _build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+def _build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> torch.nn.Module:
+    attn_implementation = resolve_attn_implementation(config.attn_implementation, device)
     if config.init_from:
         model = AutoModelForCausalLM.from_pretrained(
-            config.init_from, dtype=torch.float32, attn_implementation=config.attn_implementation
+            config.init_from, dtype=torch.float32, attn_implementation=attn_implementation
         )
     else:
         model_config = pretraining_model_config(config.model_preset, config.model_overrides, tokenizer, config.seq_len)
-        model_config._attn_implementation = config.attn_implementation
+        model_config._attn_implementation = attn_implementation
         # from_config (not the class itself) so that DeepSpeed ZeRO-3 can build the model already sharded.
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     if len(tokenizer) > model.config.vocab_size:
@@ -224,6 +226,7 @@ def _build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> 
     )
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    apply_speed_options(model, config.xielu_implementation, config.compile_layers)
     return model
 
 
@@ -275,8 +278,11 @@ def _count_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator: Accelerator, max_batches: int | None) -> float:
-    """Mean next-token loss over the held-out rows (no Goldfish drops), averaged over every process."""
+def evaluate(model, loader, accelerator: Accelerator, max_batches: int | None, chunked_loss: bool = True) -> float:
+    """Mean next-token loss over the held-out rows (no Goldfish drops), averaged over every process.
+
+    `chunked_loss`: compute it without the full logits (`skip_logits`), as in training.
+    """
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     targets = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -285,7 +291,7 @@ def evaluate(model, loader, accelerator: Accelerator, max_batches: int | None) -
             break
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         # num_items_in_batch=1 makes the model's loss the sum over targets instead of the mean.
-        outputs = model(**batch, use_cache=False, num_items_in_batch=1)
+        outputs = model(**batch, use_cache=False, num_items_in_batch=1, skip_logits=chunked_loss)
         loss_sum += outputs.loss.double()
         targets += _count_targets(batch["labels"])
     model.train()
@@ -394,7 +400,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     if eval_rows is not None:
         eval_loader = DataLoader(eval_rows, batch_size=config.per_device_batch_size, collate_fn=eval_collator)
 
-    model = _build_model(config, tokenizer)
+    model = _build_model(config, tokenizer, accelerator.device)
     optimizer = _build_optimizer(config, model)
     scheduler = WSDSchedule(
         optimizer,
@@ -443,6 +449,14 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         unwrapped_config.vocab_size,
         flops_per_token / 1e9,
     )
+    logger.info(
+        "Attention %s, chunked loss %s, xIELU %s, compiled layers %s; MFU against %s.",
+        unwrapped_config._attn_implementation,
+        config.chunked_loss,
+        config.xielu_implementation,
+        config.compile_layers,
+        f"{peak_flops / 1e12:,.1f} TFLOP/s per device" if peak_flops else "no known peak (set peak_flops_per_device)",
+    )
 
     batches = _micro_batches(train_loader, accelerator, progress)
     bar = tqdm(
@@ -470,7 +484,9 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                 is_last = index == accumulation - 1
                 with accelerator.no_sync(model) if not is_last else contextlib.nullcontext():
                     # Keep only the loss: holding the model output would keep the logits alive through backward.
-                    loss = model(**batch, use_cache=False, num_items_in_batch=global_targets).loss
+                    loss = model(
+                        **batch, use_cache=False, num_items_in_batch=global_targets, skip_logits=config.chunked_loss
+                    ).loss
                     accelerator.backward(loss * accelerator.num_processes * accumulation)
                 step_loss += loss.detach()
             grad_norm = None
@@ -509,7 +525,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                 progress.step == config.max_steps or (config.eval_steps and progress.step % config.eval_steps == 0)
             )
             if run_eval:
-                last_eval_loss = evaluate(model, eval_loader, accelerator, config.max_eval_batches)
+                last_eval_loss = evaluate(model, eval_loader, accelerator, config.max_eval_batches, config.chunked_loss)
                 record["eval/loss"] = last_eval_loss
                 record["eval/perplexity"] = math.exp(min(last_eval_loss, 50.0))
                 logger.info("step %d: eval loss %.4f", progress.step, last_eval_loss)

@@ -29,6 +29,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..acceleration import ATTENTION_IMPLEMENTATIONS, resolve_attn_implementation
 from ..optim import AdEMAMix
 from ..tokenization import APERTUS_CHAT_TEMPLATE, APERTUS_TOKENIZER_NAME, NAMED_SPECIAL_TOKENS, load_tokenizer
 from ..tokenization.apertus import apertus_generation_config
@@ -75,7 +76,13 @@ class PostTrainingRecipeConfig:
         },
     )
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention backend: sdpa, eager, flex_attention or flash_attention_2."}
+        default="auto",
+        metadata={
+            "help": (
+                "Attention backend: auto (flash_attention_2 on CUDA when flash-attn is installed, else sdpa), sdpa, "
+                "eager, flex_attention or flash_attention_2."
+            )
+        },
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="float32",
@@ -163,6 +170,10 @@ class PostTrainingRecipeConfig:
     )
 
     def __post_init__(self):
+        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise PostTrainingRecipeError(
+                f"attn_implementation={self.attn_implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}."
+            )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise PostTrainingRecipeError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -321,8 +332,9 @@ def load_policy_model(recipe: PostTrainingRecipeConfig, name_or_path: str | None
     """The causal LM `recipe` trains (or `name_or_path`), through the Auto classes (so ours for `apertus`)."""
     source = name_or_path or recipe.model_name_or_path
     check_model_source(source)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return AutoModelForCausalLM.from_pretrained(
-        source, dtype=recipe.dtype, attn_implementation=recipe.attn_implementation
+        source, dtype=recipe.dtype, attn_implementation=resolve_attn_implementation(recipe.attn_implementation, device)
     )
 
 
