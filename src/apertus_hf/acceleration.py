@@ -27,6 +27,13 @@ def resolve_attn_implementation(requested: str, device: torch.device) -> str:
 
 def apply_speed_options(model: torch.nn.Module, xielu_implementation: str, compile_layers: bool) -> None:
     """Set the xIELU implementation of an apertus_hf model and compile its decoder layers in place if asked."""
+    from .modeling_apertus import ApertusPreTrainedModel
+
+    if not isinstance(model, ApertusPreTrainedModel):
+        raise ValueError(
+            f"{type(model).__name__} is not an apertus_hf model, so xIELU and layer compilation cannot be set on it; "
+            "train an `apertus` checkpoint (init_from must hold model_type apertus)."
+        )
     model.set_xielu_implementation(xielu_implementation)
     if compile_layers:
         model.compile_decoder_layers()

@@ -72,3 +72,14 @@ def test_auto_attention_is_flash_attention_on_cuda_with_flash_attn_else_sdpa(mon
 def test_an_unknown_attention_backend_fails_before_training(tmp_path, small_corpus):
     with pytest.raises(ValueError, match="attn_implementation='flash' is not one of"):
         PretrainConfig(**tiny_run(tmp_path / "bad", small_corpus, attn_implementation="flash"))
+
+
+def test_init_from_another_architecture_is_refused_by_name(tmp_path, small_corpus):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "llama"
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(other)
+    with pytest.raises(ValueError, match="LlamaForCausalLM is not an apertus_hf model"):
+        pretrain(PretrainConfig(**tiny_run(tmp_path / "run", small_corpus, init_from=str(other))))
