@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     from apertus_hf.pretraining.metrics import measure_matmul_flops, peak_flops_per_device, training_flops_per_token
 
     args = parse_args(argv)
+    config = build_config(args)
     device = torch.device(args.device)
     device_name = common.device_description(args.device)
     print(f"device: {device_name}; torch {torch.__version__}; settings: {vars(args)}", flush=True)
@@ -161,14 +162,14 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         args.weights_file = f"{scratch}/weights.safetensors"
         torch.manual_seed(0)
-        save_file(apertus_hf.ApertusForCausalLM(build_config(args)).state_dict(), args.weights_file)
+        save_file(apertus_hf.ApertusForCausalLM(config).state_dict(), args.weights_file)
         rounds = common.measure_interleaved(
             IMPLEMENTATIONS,
             args.rounds,
             lambda implementation: common.run_isolated(implementation, measure, (implementation, args)),
             describe_round,
         )
-    flops_per_token = training_flops_per_token(build_config(args), args.seq_len)
+    flops_per_token = training_flops_per_token(config, args.seq_len)
     summary = summarize(rounds, device_name, flops_per_token, measured_peak, peak_flops_per_device(device))
     print(f"model FLOPs per token (forward + backward): {flops_per_token / 1e9:.3f} GFLOP")
     for name in IMPLEMENTATIONS:

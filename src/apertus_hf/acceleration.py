@@ -6,7 +6,15 @@ import importlib.util
 
 import torch
 
+from .modeling_apertus import ApertusPreTrainedModel
+
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
+
+
+def check_attn_implementation(requested: str) -> None:
+    """Raise a ValueError naming the choices when `requested` is not an attention backend a recipe can ask for."""
+    if requested not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={requested!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
 
 
 def resolve_attn_implementation(requested: str, device: torch.device) -> str:
@@ -16,8 +24,7 @@ def resolve_attn_implementation(requested: str, device: torch.device) -> str:
     derives the document boundaries from the restarts of `position_ids` (the packed batches carry no attention
     mask), so no (seq x seq) mask is built and masked-out blocks cost nothing. SDPA gets the document mask instead.
     """
-    if requested not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation={requested!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
+    check_attn_implementation(requested)
     if requested != "auto":
         return requested
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
@@ -27,8 +34,6 @@ def resolve_attn_implementation(requested: str, device: torch.device) -> str:
 
 def apply_speed_options(model: torch.nn.Module, xielu_implementation: str, compile_layers: bool) -> None:
     """Set the xIELU implementation of an apertus_hf model and compile its decoder layers in place if asked."""
-    from .modeling_apertus import ApertusPreTrainedModel
-
     if not isinstance(model, ApertusPreTrainedModel):
         raise ValueError(
             f"{type(model).__name__} is not an apertus_hf model, so xIELU and layer compilation cannot be set on it; "

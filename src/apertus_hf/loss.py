@@ -20,6 +20,7 @@ import contextlib
 import torch
 from torch import nn
 
+# The label of a position left out of the loss (transformers' and PyTorch's convention); the packer uses it too.
 IGNORE_INDEX = -100
 
 # Rows of the LM head projected at once: 1024 x 131,072 float32 logits are 512 MiB. Fewer rows lower the peak

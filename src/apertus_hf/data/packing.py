@@ -7,7 +7,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-IGNORE_INDEX = -100
+from ..loss import IGNORE_INDEX
 
 
 def tokenize_and_pack(

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..acceleration import ATTENTION_IMPLEMENTATIONS
+from ..acceleration import check_attn_implementation
 from ..configuration_apertus import PRESETS
 
 
@@ -268,10 +268,7 @@ class PretrainConfig:
         for name in ("eval_steps", "checkpoint_steps", "eval_documents", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 disables it).")
-        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"attn_implementation={self.attn_implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}."
-            )
+        check_attn_implementation(self.attn_implementation)
         if self.model_preset not in PRESETS:
             raise ValueError(f"model_preset={self.model_preset!r} is not a preset; choose one of {sorted(PRESETS)}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):

@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..acceleration import ATTENTION_IMPLEMENTATIONS, resolve_attn_implementation
+from ..acceleration import check_attn_implementation, resolve_attn_implementation
 from ..optim import AdEMAMix
 from ..tokenization import APERTUS_CHAT_TEMPLATE, APERTUS_TOKENIZER_NAME, NAMED_SPECIAL_TOKENS, load_tokenizer
 from ..tokenization.apertus import apertus_generation_config
@@ -170,10 +170,10 @@ class PostTrainingRecipeConfig:
     )
 
     def __post_init__(self):
-        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise PostTrainingRecipeError(
-                f"attn_implementation={self.attn_implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}."
-            )
+        try:
+            check_attn_implementation(self.attn_implementation)
+        except ValueError as error:
+            raise PostTrainingRecipeError(str(error)) from None
         if not 0.0 <= self.eval_fraction < 1.0:
             raise PostTrainingRecipeError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
