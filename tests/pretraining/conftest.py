@@ -70,6 +70,10 @@ def write_recipe(path: Path, options: dict) -> Path:
 def run_recipe(args: list[str], launcher: list[str] | None = None, **kwargs) -> subprocess.Popen:
     """Start recipes/pretrain.py in a fresh interpreter (or under `launcher`, e.g. accelerate launch)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # One thread per run, pinned for MKL too: tests compare the losses of separate processes bit for bit, and a
+    # matmul's rounding depends on how many threads split it. MKL otherwise picks that number per call (MKL_DYNAMIC),
+    # and a CI run once saw a resumed process round differently from the uninterrupted one.
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     command = [*(launcher or [sys.executable]), str(REPO_ROOT / "recipes" / "pretrain.py"), *args]
     return subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs

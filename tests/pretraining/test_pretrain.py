@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState
 from transformers import AutoTokenizer
 
@@ -231,6 +232,30 @@ def test_resume_skips_incomplete_and_corrupt_checkpoints(tmp_path, small_corpus,
     assert "step_00000002 at step 2" in (tmp_path / "run" / "train.log").read_text()
     assert result.steps == 8
     assert sorted(_losses(tmp_path / "run")) == list(range(1, 9))
+
+
+def test_resuming_with_another_number_of_cpu_threads_warns_that_rounding_will_differ(tmp_path, small_corpus, caplog):
+    options = tiny_run(tmp_path / "run", small_corpus, max_steps=4, checkpoint_steps=2, eval_documents=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        pretrain(PretrainConfig(**options, stop_at_step=2))
+        assert "1 CPU thread(s) per process" in (tmp_path / "run" / "train.log").read_text()
+        AcceleratorState._reset_state(True)
+        torch.set_num_threads(2)
+        with caplog.at_level("WARNING"):
+            pretrain(PretrainConfig(**options, stop_at_step=3))
+        assert "saved by a process with 1 CPU thread(s) and this one has 2" in caplog.text
+        assert "OMP_NUM_THREADS=1" in caplog.text
+        # The checkpoint of step 3 records the 2 threads that wrote it: resuming with 2 is silent.
+        caplog.clear()
+        AcceleratorState._reset_state(True)
+        with caplog.at_level("WARNING"):
+            result = pretrain(PretrainConfig(**options))
+        assert "CPU threads" not in caplog.text
+        assert result.steps == 4
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_bad_options_fail_before_training(tmp_path, small_corpus):

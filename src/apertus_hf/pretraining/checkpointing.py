@@ -33,6 +33,9 @@ class TrainingProgress:
     epoch: int = 0
     micro_batches_in_epoch: int = 0
     tokens_seen: int = 0
+    # Intra-op threads of the process that saved (0 in checkpoints from before it was recorded): on CPU a matmul's
+    # rounding depends on how many threads split it, so a resume reproduces the run bit for bit only with as many.
+    cpu_threads: int = 0
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)

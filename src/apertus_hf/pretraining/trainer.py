@@ -346,6 +346,24 @@ def _warn_about_changed_schedule(scheduler: WSDSchedule, config: PretrainConfig)
         )
 
 
+def _warn_about_changed_cpu_threads(progress: TrainingProgress, device: torch.device) -> None:
+    """On CPU, say when the resumed process has another number of threads than the one that saved: its losses then
+    match an uninterrupted run only to rounding. Record the current number for the next checkpoint."""
+    saved, current = progress.cpu_threads, torch.get_num_threads()
+    if device.type == "cpu" and saved and saved != current:
+        logger.warning(
+            "The checkpoint was saved by a process with %d CPU thread(s) and this one has %d: matmuls split across "
+            "threads round differently, so the losses from here on will match an uninterrupted run only to rounding. "
+            "Resume with OMP_NUM_THREADS=%d (accelerate launch --num_cpu_threads_per_process %d) to continue it bit "
+            "for bit.",
+            saved,
+            current,
+            saved,
+            saved,
+        )
+    progress.cpu_threads = current
+
+
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     """True on every process when `flag` is True on any (a signal may reach only some ranks)."""
     if accelerator.num_processes == 1:
@@ -376,10 +394,11 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     output_dir = Path(config.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     logger.info(
-        "Pretraining on %d process(es), distributed type %s, mixed precision %s.",
+        "Pretraining on %d process(es), distributed type %s, mixed precision %s, %d CPU thread(s) per process.",
         accelerator.num_processes,
         accelerator.distributed_type.value,
         accelerator.mixed_precision,
+        torch.get_num_threads(),
     )
     set_seed(config.seed)
 
@@ -413,7 +432,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     model, optimizer, scheduler, train_loader = accelerator.prepare(model, optimizer, scheduler, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    progress = TrainingProgress()
+    progress = TrainingProgress(cpu_threads=torch.get_num_threads())
     accelerator.register_for_checkpointing(progress)
 
     metrics = MetricsFile(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
@@ -429,6 +448,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             )
             metrics.truncate_after(progress.step)
             _warn_about_changed_schedule(scheduler.scheduler, config)
+            _warn_about_changed_cpu_threads(progress, accelerator.device)
     if config.report_to:
         # TensorBoard writes to output_dir/apertus-pretraining/; W&B and others show the run under its folder name.
         accelerator.init_trackers(
