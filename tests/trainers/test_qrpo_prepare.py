@@ -303,7 +303,9 @@ def test_prepared_pairs_have_exactly_the_trainer_columns(tmp_path, policy_dir, c
 def test_prepared_unpaired_rows_from_string_prompts(tmp_path, policy_dir):
     rows = [{"text": prompt, "answer": " and the sea."} for prompt in STRING_PROMPTS]
     prompts = write_jsonl(tmp_path / "text.jsonl", rows)  # `answer`: a column of the dataset, for the reward
-    config = prepare_config(tmp_path, prompts, policy_dir, prompt_column="text", selection="all", num_samples=3)
+    config = prepare_config(
+        tmp_path, prompts, policy_dir, prompt_column="text", selection="all", num_samples=3, attn_implementation="auto"
+    )
     dataset = load_from_disk(str(prepare_qrpo_dataset(config).output_dir))
     assert dataset.column_names == list(UNPAIRED_COLUMNS)
     assert len(dataset) == 3 * len(STRING_PROMPTS)
@@ -329,6 +331,8 @@ def test_bad_inputs_fail_before_sampling_with_the_fix(tmp_path, policy_dir, chat
         prepare_config(tmp_path, chat_prompts_file, policy_dir, reward_model=str(policy_dir))
     with pytest.raises(QRPOPrepareError, match=r"never below rejected_quantile=0\.2"):
         prepare_config(tmp_path, chat_prompts_file, policy_dir, num_samples=5)
+    with pytest.raises(QRPOPrepareError, match=r"attn_implementation='flash' is not one of \('auto', 'sdpa'"):
+        prepare_config(tmp_path, chat_prompts_file, policy_dir, attn_implementation="flash")
     assert not (tmp_path / "qrpo-data").exists()
 
 

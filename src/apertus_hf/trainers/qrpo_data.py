@@ -52,6 +52,7 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from ..acceleration import check_attn_implementation, resolve_attn_implementation
 from .qrpo import PAIRED_COLUMNS, UNPAIRED_COLUMNS, quantile_rewards
 from .recipe import check_model_source, load_chat_tokenizer, load_dataset_splits
 from .sampling import Completion, Prompt, generate_completions, is_chat_prompt
@@ -115,7 +116,13 @@ class QRPOPrepareConfig:
         default="float32", metadata={"help": "dtype the policy and the reward model are loaded in."}
     )
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention backend of the policy: sdpa, eager, flash_attention_2, ..."}
+        default="sdpa",
+        metadata={
+            "help": (
+                "Attention backend of the policy: sdpa, eager, flex_attention, flash_attention_2, or auto "
+                "(flash_attention_2 on CUDA when flash-attn is installed, else sdpa)."
+            )
+        },
     )
 
     # Sampling
@@ -204,6 +211,10 @@ class QRPOPrepareConfig:
     )
 
     def __post_init__(self):
+        try:
+            check_attn_implementation(self.attn_implementation)
+        except ValueError as error:
+            raise QRPOPrepareError(str(error)) from None
         for name in ("num_samples", "max_new_tokens", "batch_size", "reward_batch_size"):
             if getattr(self, name) < 1:
                 raise QRPOPrepareError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -636,7 +647,9 @@ def prepare_qrpo_dataset(config: QRPOPrepareConfig) -> QRPOPrepareResult:
     else:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path or config.model_name_or_path)
     policy = AutoModelForCausalLM.from_pretrained(
-        config.model_name_or_path, dtype=config.dtype, attn_implementation=config.attn_implementation
+        config.model_name_or_path,
+        dtype=config.dtype,
+        attn_implementation=resolve_attn_implementation(config.attn_implementation, state.device),
     ).to(state.device)
     samples = generate_completions(
         policy,
