@@ -5,6 +5,16 @@ Importing the package registers our config and model classes with the `transform
 import, the same folders load into `transformers`' built-in Apertus.
 """
 
+import os
+
+import torch
+
+# DeepSpeed picks its accelerator when first imported; without a GPU it must be told to use the CPU one. Set here,
+# before any submodule (or transformers, accelerate, TRL) can import it, and only as a default so a user's own
+# setting wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 from transformers import (
     AutoConfig,
     AutoModel,

@@ -27,6 +27,14 @@ TINY_MODEL = {
 }
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each in-process run builds its own Accelerator, as a fresh process would."""
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A jsonl file with the first documents of every language of the shipped corpus, cut to 1500 characters."""

@@ -31,7 +31,6 @@ def _losses(output_dir: Path) -> dict[int, float]:
 
 def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path, small_corpus, monkeypatch):
     options = {"max_steps": 6, "eval_documents": 4, "eval_steps": 0, "checkpoint_steps": 3}
-    AcceleratorState._reset_state(True)
     single = pretrain(PretrainConfig(**tiny_run(tmp_path / "single", small_corpus, per_device_batch_size=4, **options)))
     AcceleratorState._reset_state(True)
 

@@ -21,14 +21,6 @@ from apertus_hf.recipe_args import parse_recipe_args
 from tests.pretraining.conftest import SHIPPED_TOKENIZER, run_recipe, tiny_run, write_recipe
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each in-process run builds its own Accelerator, as a fresh process would."""
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def _losses(output_dir: Path) -> dict[int, float]:
     return {record["step"]: record["train/loss"] for record in read_metrics(output_dir / "metrics.jsonl")}
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
-from accelerate.state import AcceleratorState
 
 from apertus_hf.acceleration import resolve_attn_implementation
 from apertus_hf.pretraining import PretrainConfig, pretrain, read_metrics
@@ -14,11 +13,10 @@ from tests.pretraining.conftest import tiny_run
 
 
 @pytest.fixture(autouse=True)
-def fresh_state():
-    AcceleratorState._reset_state(True)
+def fresh_compiler():
+    """Compiled runs must not reuse the graphs (and recompilation counts) of an earlier test."""
     torch._dynamo.reset()
     yield
-    AcceleratorState._reset_state(True)
     torch._dynamo.reset()
 
 

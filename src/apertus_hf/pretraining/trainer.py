@@ -21,12 +21,6 @@ from typing import Any
 
 import torch
 import yaml
-
-# DeepSpeed picks its accelerator at import time; without a GPU it must be told to use the CPU one. Set before
-# accelerate imports deepspeed, and only as a default so a user's own setting wins.
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
@@ -346,10 +340,10 @@ def _warn_about_changed_schedule(scheduler: WSDSchedule, config: PretrainConfig)
         )
 
 
-def _warn_about_changed_cpu_threads(progress: TrainingProgress, device: torch.device) -> None:
-    """On CPU, say when the resumed process has another number of threads than the one that saved: its losses then
-    match an uninterrupted run only to rounding. Record the current number for the next checkpoint."""
-    saved, current = progress.cpu_threads, torch.get_num_threads()
+def _warn_about_changed_cpu_threads(saved: int, device: torch.device) -> None:
+    """On CPU, say when the resumed process has another number of threads than the one that saved (`saved`, 0 when
+    the checkpoint did not record it): its losses then match an uninterrupted run only to rounding."""
+    current = torch.get_num_threads()
     if device.type == "cpu" and saved and saved != current:
         logger.warning(
             "The checkpoint was saved by a process with %d CPU thread(s) and this one has %d: matmuls split across "
@@ -361,7 +355,6 @@ def _warn_about_changed_cpu_threads(progress: TrainingProgress, device: torch.de
             saved,
             saved,
         )
-    progress.cpu_threads = current
 
 
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:
@@ -432,7 +425,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     model, optimizer, scheduler, train_loader = accelerator.prepare(model, optimizer, scheduler, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    progress = TrainingProgress(cpu_threads=torch.get_num_threads())
+    progress = TrainingProgress()
     accelerator.register_for_checkpointing(progress)
 
     metrics = MetricsFile(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
@@ -448,7 +441,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             )
             metrics.truncate_after(progress.step)
             _warn_about_changed_schedule(scheduler.scheduler, config)
-            _warn_about_changed_cpu_threads(progress, accelerator.device)
+            _warn_about_changed_cpu_threads(progress.cpu_threads, accelerator.device)
+    progress.cpu_threads = torch.get_num_threads()  # what the next checkpoints record
     if config.report_to:
         # TensorBoard writes to output_dir/apertus-pretraining/; W&B and others show the run under its folder name.
         accelerator.init_trackers(

@@ -11,17 +11,9 @@ CPU.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-
-import torch
-
-# DeepSpeed picks its accelerator when first imported; without a GPU it must be told to use the CPU one. Only a
-# default, so that a user's own setting wins.
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from datasets import Dataset
 from jinja2 import TemplateError
