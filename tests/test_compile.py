@@ -1,4 +1,5 @@
-"""The fused xIELU and the regionally compiled decoder layers compute what the eager model computes."""
+"""The fused xIELU and the regionally compiled decoder layers compute what the eager model computes; generation
+compiles as one graph and exports with a static cache."""
 
 import copy
 
@@ -75,7 +76,7 @@ def test_a_decoder_layer_compiles_to_one_graph_without_breaks(attn_implementatio
         config=model.config,
         inputs_embeds=hidden_states,
         attention_mask=None,
-        past_key_values=None,
+        cache=None,
         position_ids=position_ids,
     )
     assert mask is not None
@@ -119,3 +120,55 @@ def test_compiled_layers_train_with_the_losses_and_weights_of_the_eager_model():
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     for name, gradient in eager_gradients.items():
         torch.testing.assert_close(compiled_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_generation_compiled_full_graph_with_a_static_cache_equals_eager_and_stock():
+    """`_can_compile_fullgraph = True` holds: the decoding forward compiles without a graph break (the document mask
+    decides on the static cache's tensor length inside the mask, not in Python), and generates what eager does."""
+    from transformers import CompileConfig
+
+    from tests.helpers import left_padded_batch, model_pair, tiny_config
+
+    ours, stock = model_pair(tiny_config(), "sdpa")
+    input_ids, attention_mask = left_padded_batch([6, 3], vocab_size=256)
+    generate_kwargs = {
+        "attention_mask": attention_mask,
+        "max_new_tokens": 6,
+        "do_sample": False,
+        "pad_token_id": 3,
+        "cache_implementation": "static",
+    }
+    eager = ours.generate(input_ids, **generate_kwargs)
+    # `backend="eager"` runs Dynamo alone: a full graph is proven without paying for Inductor on the CPU.
+    # `_compile_all_devices` makes `generate` compile off CUDA too (transformers' own tests set it the same way).
+    compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    compile_config._compile_all_devices = True
+    compiled = ours.generate(input_ids, compile_config=compile_config, **generate_kwargs)
+    assert hasattr(ours, "_compiled_call"), "generate did not take the compiled path"
+    assert torch.equal(compiled, eager)
+    assert torch.equal(compiled, stock.generate(input_ids, **generate_kwargs))
+
+
+def test_torch_export_with_a_static_cache_decodes_like_generate():
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    from tests.helpers import tiny_config
+
+    model = ApertusForCausalLM(tiny_config()).eval()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.cache_implementation = "static"
+    exportable = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=24)
+    exported = exportable.export(
+        input_ids=torch.tensor([[1]], dtype=torch.long), cache_position=torch.tensor([0], dtype=torch.long)
+    )
+    # One module for the whole sequence: its buffers are the static cache (each `exported.module()` starts empty).
+    decoder = exported.module()
+    prompt = torch.randint(4, 256, (1, 5))
+    tokens = prompt[0].tolist()
+    for position in range(prompt.shape[1] + 6):
+        logits = decoder(input_ids=torch.tensor([[tokens[position]]]), cache_position=torch.tensor([position]))
+        if position >= prompt.shape[1] - 1:
+            tokens.append(int(logits[0, -1].argmax()))
+    model.generation_config.cache_implementation = None
+    expected = model.generate(prompt, max_new_tokens=7, do_sample=False, pad_token_id=3)
+    assert tokens == expected[0].tolist()

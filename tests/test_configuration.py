@@ -146,7 +146,7 @@ def test_unknown_preset_lists_the_known_ones():
         ({"num_key_value_heads": 0}, "num_key_value_heads=0 must be a positive integer"),
         ({"num_hidden_layers": 0}, "num_hidden_layers=0 must be a positive integer"),
         ({"head_dim": 15}, "head_dim=15 must be a positive even integer"),
-        ({"hidden_act": "silu"}, "hidden_act='silu' is not supported"),
+        ({"hidden_act": "swoosh"}, "hidden_act='swoosh' is not an activation of transformers' ACT2FN"),
         ({"rope_parameters": {"rope_type": "spiral", "rope_theta": 1e4}}, "rope_type'\\]='spiral' is unknown"),
         ({"pad_token_id": 256}, r"pad_token_id=256 lies outside the vocabulary \[0, 256\)"),
         ({"eos_token_id": [2, 999]}, r"eos_token_id=\[2, 999\] lies outside the vocabulary"),

@@ -1,4 +1,7 @@
+import contextlib
+import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -6,8 +9,8 @@ import transformers
 
 import apertus_hf
 from apertus_hf import ApertusConfig, ApertusForCausalLM, ApertusForSequenceClassification
-from apertus_hf.modeling_apertus import ApertusXIELU
-from tests.helpers import left_padded_batch, model_pair, tiny_config
+from apertus_hf.modeling_apertus import ApertusForTokenClassification, ApertusXIELU
+from tests.helpers import left_padded_batch, model_pair, randomize_xielu, tiny_config
 
 # GQA ratios 1, 2 and 4, a head_dim that is not hidden/heads, odd widths.
 PARITY_CONFIGS = {
@@ -20,6 +23,8 @@ PARITY_CONFIGS = {
         "intermediate_size": 99,
         "rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
     },
+    # Another activation of transformers' ACT2FN, as stock accepts (and an activation ablation needs).
+    "gelu": {"hidden_act": "gelu"},
 }
 BACKENDS = ["eager", "sdpa"]
 ATOL = 1e-5
@@ -46,7 +51,7 @@ def test_logits_and_loss_equal_stock(config_name, backend, seq_len):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("config_name", ["gqa2", "head_dim_24"])
+@pytest.mark.parametrize("config_name", ["gqa2", "head_dim_24", "gelu"])
 def test_gradients_equal_stock(config_name, backend):
     ours, stock = model_pair(tiny_config(**PARITY_CONFIGS[config_name]), backend)
     ours.train()
@@ -71,11 +76,11 @@ def test_left_padded_batch_with_kv_cache_equals_stock(config_name, backend):
     for name, model in (("ours", ours), ("stock", stock)):
         with torch.no_grad():
             prefill = model(input_ids, attention_mask=attention_mask, use_cache=True)
-            cache, mask, step_logits = prefill.past_key_values, attention_mask, []
+            cache, mask, step_logits = prefill.cache, attention_mask, []
             for step in range(next_tokens.shape[1]):
                 mask = torch.cat([mask, torch.ones((3, 1), dtype=mask.dtype)], dim=1)
-                step_out = model(next_tokens[:, step : step + 1], attention_mask=mask, past_key_values=cache)
-                cache = step_out.past_key_values
+                step_out = model(next_tokens[:, step : step + 1], attention_mask=mask, cache=cache)
+                cache = step_out.cache
                 step_logits.append(step_out.logits)
             no_cache = model(torch.cat([input_ids, next_tokens], dim=1), attention_mask=mask, use_cache=False)
         outputs[name] = (prefill.logits, torch.cat(step_logits, dim=1), no_cache.logits)
@@ -122,32 +127,44 @@ def packed_documents(lengths: list[int], vocab_size: int = 256):
     return documents, row, position_ids
 
 
-@pytest.mark.parametrize("with_attention_mask", [False, True], ids=["no_mask", "mask_of_ones"])
+@pytest.mark.parametrize("attention_mask_kind", [None, "ones", "padded"], ids=["no_mask", "mask_of_ones", "padded"])
 @pytest.mark.parametrize("use_cache", [False, True], ids=["no_cache", "cache"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_packed_row_equals_documents_alone(backend, use_cache, with_attention_mask):
+def test_packed_row_equals_documents_alone(backend, use_cache, attention_mask_kind):
     model = ApertusForCausalLM(tiny_config())
     model.set_attn_implementation(backend)
     model.eval()
     documents, row, position_ids = packed_documents([5, 8, 4])
-    attention_mask = torch.ones_like(row) if with_attention_mask else None
+    real_length = row.shape[1]
+    attention_mask = None if attention_mask_kind is None else torch.ones_like(row)
+    if attention_mask_kind == "padded":
+        # Three pad slots after the packed documents: the padding mask holds zeros and the documents stay masked.
+        row = torch.cat([row, torch.full((1, 3), 3)], dim=1)
+        position_ids = torch.cat([position_ids, torch.arange(4, 7)[None]], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.zeros((1, 3), dtype=attention_mask.dtype)], dim=1)
     with torch.no_grad():
-        packed = model(row, position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache).logits[0]
+        output = model(row, position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache)
+        packed = output.logits[0, :real_length]
         alone = torch.cat([model(document[None], use_cache=False).logits[0] for document in documents])
-        unmasked = model(row, use_cache=False).logits[0]
+        unmasked = model(row[:, :real_length], use_cache=False).logits[0]
     assert max_difference(packed, alone) < ATOL
     # The mask matters: without restarting positions, the later documents see the earlier ones.
     assert max_difference(unmasked[5:], alone[5:]) > 1e-3
 
 
-@pytest.mark.slow
-def test_packed_row_equals_documents_alone_on_flex_attention():
-    model = ApertusForCausalLM(tiny_config())
+# On the CPU, transformers' FlexAttention path (5.23 and 5.24, torch 2.13) returns NaN or wrong values for any mask
+# that is not purely causal, the stock model's own packed rows included, while torch's flex_attention called directly
+# is right: a CPU-kernel problem outside this project, so the backend is checked where it is used, on a GPU.
+@pytest.mark.cuda
+@pytest.mark.parametrize("use_cache", [False, True], ids=["no_cache", "cache"])
+def test_packed_row_equals_documents_alone_on_flex_attention(use_cache):
+    model = ApertusForCausalLM(tiny_config()).cuda()
     model.set_attn_implementation("flex_attention")
     model.eval()
     documents, row, position_ids = packed_documents([5, 8, 4])
-    with torch.no_grad():  # FlexAttention has no backward on CPU
-        packed = model(row, position_ids=position_ids, use_cache=True).logits[0]
+    documents, row, position_ids = [document.cuda() for document in documents], row.cuda(), position_ids.cuda()
+    with torch.no_grad():
+        packed = model(row, position_ids=position_ids, use_cache=use_cache).logits[0]
         alone = torch.cat([model(document[None], use_cache=False).logits[0] for document in documents])
     assert max_difference(packed, alone) < ATOL
 
@@ -278,9 +295,11 @@ def test_sequence_classification_scores_last_real_token(tmp_path):
         assert torch.equal(reloaded(input_ids).logits, scores)
 
 
-def test_state_dict_names_equal_stock():
-    ours, stock = model_pair(tiny_config())
+@pytest.mark.parametrize("hidden_act", ["xielu", "gelu"])
+def test_state_dict_names_equal_stock(hidden_act):
+    ours, stock = model_pair(tiny_config(hidden_act=hidden_act))
     assert list(ours.state_dict()) == list(stock.state_dict())
+    assert any("act_fn" in name for name in ours.state_dict()) == (hidden_act == "xielu")
     for name, tensor in stock.state_dict().items():
         assert ours.state_dict()[name].shape == tensor.shape, name
 
@@ -309,6 +328,79 @@ def test_packed_prefill_into_static_cache_is_document_masked():
     documents, row, position_ids = packed_documents([4, 6])
     cache = transformers.StaticCache(config=model.config, max_cache_len=32)
     with torch.no_grad():
-        packed = model(row, position_ids=position_ids, past_key_values=cache).logits[0]
+        packed = model(row, position_ids=position_ids, cache=cache).logits[0]
         alone = torch.cat([model(document[None], use_cache=False).logits[0] for document in documents])
     assert max_difference(packed, alone) < ATOL
+
+
+def test_token_classification_equals_stock(tmp_path):
+    config = tiny_config(num_labels=3)
+    model = transformers.AutoModelForTokenClassification.from_config(config)
+    assert type(model) is ApertusForTokenClassification
+    randomize_xielu(model)
+    stock = transformers.models.apertus.ApertusForTokenClassification(
+        transformers.models.apertus.ApertusConfig(**config.to_diff_dict())
+    )
+    stock.load_state_dict(model.state_dict(), strict=True)
+    model.eval()
+    stock.eval()
+    input_ids = torch.randint(4, 256, (2, 9))
+    labels = torch.randint(0, 3, (2, 9))
+    labels[1, 6:] = -100
+    with torch.no_grad():
+        ours_out = model(input_ids, labels=labels)
+        stock_out = stock(input_ids, labels=labels)
+    assert ours_out.logits.shape == (2, 9, 3)
+    assert max_difference(ours_out.logits, stock_out.logits) < ATOL
+    assert abs(ours_out.loss.item() - stock_out.loss.item()) < ATOL
+
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is ApertusForTokenClassification
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids).logits, ours_out.logits)
+
+
+def test_forward_and_generation_emit_no_deprecation_warning():
+    """transformers 5.24 renamed `past_key_values` to `cache`; our code uses the new names everywhere."""
+    model = ApertusForCausalLM(tiny_config()).eval()
+    input_ids, attention_mask = left_padded_batch([6, 3], vocab_size=256)
+    # `warning_once` would hide a message already logged earlier in the session.
+    logging.Logger.warning_once.cache_clear()
+    transformers.logging.enable_propagation()
+    try:
+        with warnings.catch_warnings(record=True) as caught, capture_log("transformers") as logged:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                model(input_ids, attention_mask=attention_mask, labels=input_ids)
+                for cache_implementation in (None, "static"):
+                    model.generate(
+                        input_ids,
+                        attention_mask=attention_mask,
+                        max_new_tokens=3,
+                        do_sample=False,
+                        pad_token_id=3,
+                        cache_implementation=cache_implementation,
+                    )
+    finally:
+        transformers.logging.disable_propagation()
+    messages = [str(warning.message) for warning in caught] + logged
+    assert not [message for message in messages if "deprecat" in message.lower()], messages
+
+
+@contextlib.contextmanager
+def capture_log(name: str):
+    """The messages logged under logger `name` (and its children) while the block runs."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)

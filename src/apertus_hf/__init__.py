@@ -20,6 +20,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 from .configuration_apertus import PRESETS, ApertusConfig, InvalidApertusConfigError
@@ -27,6 +28,7 @@ from .data import goldfish_drop_mask
 from .modeling_apertus import (
     ApertusForCausalLM,
     ApertusForSequenceClassification,
+    ApertusForTokenClassification,
     ApertusModel,
     ApertusPreTrainedModel,
 )
@@ -39,6 +41,7 @@ AutoConfig.register(ApertusConfig.model_type, ApertusConfig, exist_ok=True)
 AutoModel.register(ApertusConfig, ApertusModel, exist_ok=True)
 AutoModelForCausalLM.register(ApertusConfig, ApertusForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(ApertusConfig, ApertusForSequenceClassification, exist_ok=True)
+AutoModelForTokenClassification.register(ApertusConfig, ApertusForTokenClassification, exist_ok=True)
 
 __all__ = [
     "APERTUS_CHAT_TEMPLATE",
@@ -46,6 +49,7 @@ __all__ = [
     "ApertusConfig",
     "ApertusForCausalLM",
     "ApertusForSequenceClassification",
+    "ApertusForTokenClassification",
     "ApertusModel",
     "ApertusPreTrainedModel",
     "InvalidApertusConfigError",

@@ -12,10 +12,10 @@ import copy
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-SUPPORTED_ACTIVATIONS = ("xielu",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "dynamic", "yarn", "longrope")
 
 # Keys of the v4.56-era release config.json that describe the architecture rather than configure it. They are
@@ -104,7 +104,6 @@ class ApertusConfig(PreTrainedConfig):
     """
 
     model_type = "apertus"
-    keys_to_ignore_at_inference = ["past_key_values"]
     default_theta = 12000000.0
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
@@ -181,8 +180,11 @@ class ApertusConfig(PreTrainedConfig):
                 f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads="
                 f"{self.num_attention_heads} (grouped-query attention)."
             )
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; Apertus uses {SUPPORTED_ACTIVATIONS}.")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not an activation of transformers' ACT2FN; Apertus uses 'xielu', "
+                f"an ablation may use any of {sorted(ACT2FN)}."
+            )
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps={self.rms_norm_eps!r} must be positive.")
         if not 0.0 <= self.attention_dropout < 1.0:

@@ -27,15 +27,21 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
-from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -251,12 +257,13 @@ class ApertusAttention(nn.Module):
         self.k_norm = ApertusRMSNorm(self.head_dim, config.rms_norm_eps)
         self.o_proj.writes_to_residual_stream = True
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -270,8 +277,8 @@ class ApertusAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -293,14 +300,18 @@ class ApertusAttention(nn.Module):
 
 
 class ApertusMLP(nn.Module):
-    """The ungated Apertus MLP: down_proj(xIELU(up_proj(x)))."""
+    """The ungated Apertus MLP: down_proj(act(up_proj(x))), with xIELU as Apertus' activation.
+
+    Like the stock class, any other activation of `transformers`' `ACT2FN` may be configured (`hidden_act`), e.g.
+    for an ablation of the activation; only xIELU has parameters.
+    """
 
     def __init__(self, config: ApertusConfig):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.down_proj.writes_to_residual_stream = True
-        self.act_fn = ApertusXIELU()
+        self.act_fn = ApertusXIELU() if config.hidden_act == "xielu" else ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
@@ -317,12 +328,13 @@ class ApertusDecoderLayer(GradientCheckpointingLayer):
         self.attention_layernorm = ApertusRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.feedforward_layernorm = ApertusRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -333,7 +345,7 @@ class ApertusDecoderLayer(GradientCheckpointingLayer):
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -352,7 +364,6 @@ class ApertusPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ApertusDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -427,7 +438,7 @@ class ApertusModel(ApertusPreTrainedModel):
     def document_mask_function(
         position_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         batch_size: int,
     ) -> Callable | None:
         """A mask function keeping attention inside each packed document, where `transformers` would not add one.
@@ -436,24 +447,31 @@ class ApertusModel(ApertusPreTrainedModel):
         cache. A prefill (empty cache) or a padded batch of packed rows needs the same mask, so we build it from the
         same document indices. Decoding steps (a non-empty cache) continue the last document and need none.
         """
-        library_detects_documents = attention_mask is None and past_key_values is None
+        library_detects_documents = attention_mask is None and cache is None
         if position_ids is None or library_detects_documents:
             return None
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+        # A dynamic cache counts in Python ints; a static one in a tensor, on which a Python branch would break
+        # `torch.compile(fullgraph=True)` and `torch.export`, so that case is decided inside the mask below.
+        if isinstance(past_seen_tokens, int) and past_seen_tokens > 0:
             return None
         document_ids = find_packed_sequence_indices(position_ids.expand(batch_size, -1))
         if document_ids is None:
             return None
         last_index = document_ids.shape[-1] - 1
+        decoding = torch.as_tensor(past_seen_tokens, device=document_ids.device) > 0
 
         def same_document(batch_idx, head_idx, q_idx, kv_idx):
-            # A static cache makes kv longer than the prompt; those slots are causally masked anyway, the clamp
-            # only keeps the lookup in bounds.
+            # A static cache makes kv longer than the prompt, and a decoding step's queries sit after it; those
+            # slots are causally masked or, when decoding, not document-masked at all: the clamps only keep the
+            # lookups in bounds.
+            q_idx = torch.clamp(q_idx, max=last_index)
             kv_idx = torch.clamp(kv_idx, max=last_index)
-            return document_ids[batch_idx, q_idx] == document_ids[batch_idx, kv_idx]
+            return decoding | (document_ids[batch_idx, q_idx] == document_ids[batch_idx, kv_idx])
 
         return same_document
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -461,7 +479,7 @@ class ApertusModel(ApertusPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -472,11 +490,11 @@ class ApertusModel(ApertusPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -484,11 +502,9 @@ class ApertusModel(ApertusPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
-            and_mask_function=self.document_mask_function(
-                position_ids, attention_mask, past_key_values, inputs_embeds.shape[0]
-            ),
+            and_mask_function=self.document_mask_function(position_ids, attention_mask, cache, inputs_embeds.shape[0]),
         )
 
         hidden_states = inputs_embeds
@@ -500,13 +516,13 @@ class ApertusModel(ApertusPreTrainedModel):
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 **kwargs,
             )
 
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
 class ApertusForCausalLM(ApertusPreTrainedModel, GenerationMixin):
@@ -522,13 +538,14 @@ class ApertusForCausalLM(ApertusPreTrainedModel, GenerationMixin):
 
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -557,7 +574,7 @@ class ApertusForCausalLM(ApertusPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -591,7 +608,7 @@ class ApertusForCausalLM(ApertusPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -601,9 +618,14 @@ class ApertusForSequenceClassification(GenericForSequenceClassification, Apertus
     """Apertus with a linear `score` head on the last non-padding token: the reward-model architecture."""
 
 
+class ApertusForTokenClassification(GenericForTokenClassification, ApertusPreTrainedModel):
+    """Apertus with a linear `score` head on every token (tagging), as `transformers.ApertusForTokenClassification`."""
+
+
 __all__ = [
     "ApertusForCausalLM",
     "ApertusForSequenceClassification",
+    "ApertusForTokenClassification",
     "ApertusModel",
     "ApertusPreTrainedModel",
     "ApertusXIELU",
