@@ -1,19 +1,66 @@
 # Every target sets up what it needs: on a fresh machine `make test` creates .venv and installs the project.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch; GPU users run e.g. `make setup TORCH_SPEC="torch"` for their CUDA build.
-TORCH_SPEC ?= torch==2.13.0
+# The torch the lock is resolved against and CI tests. TORCH_SPEC defaults to its CPU build; GPU users run e.g.
+# `make setup TORCH_SPEC="torch"` for their CUDA build. The lock never pins torch (nor what only torch needs).
+TORCH_VERSION := 2.13.0
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+EXTRAS := dev,deepspeed,post-training,eval
+# One tested set of every other dependency, compiled by `make lock` from pyproject.toml's ranges.
+LOCK := requirements/lock.txt
 BIN := $(VENV)/bin
 
-.PHONY: setup pretrain sft qrpo-data qrpo dpo test lint benchmark clean
+.PHONY: setup lock drift pretrain sft qrpo-data qrpo dpo test lint benchmark clean
 
-$(BIN)/.installed: pyproject.toml
+# `pip install -c` moves every locked package to its pin (up or down) in a venv made before a lock change; the check
+# after it fails, naming the package, if anything still differs from the lock.
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed,post-training,eval]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(BIN)/python requirements/lock.py check $(LOCK) --extras $(EXTRAS)
 	touch $@
 
 setup: $(BIN)/.installed
+
+# `make lock` refreshes the lock to the newest versions pyproject.toml allows (LOCK_UPGRADE= keeps the current pins and
+# only adds what is new), re-syncs .venv to it and reruns the suite. A universal lock (any OS, Python from
+# requires-python's floor), resolved against torch==$(TORCH_VERSION) but emitted without it; uv lives in $(TOOLS).
+TOOLS := .tools
+UV_SPEC ?= uv==0.13.9
+LOCK_PYTHON := 3.11
+LOCK_EXTRAS := dev deepspeed post-training eval tracking
+LOCK_UPGRADE ?= --upgrade
+$(TOOLS)/bin/uv:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet "$(UV_SPEC)"
+lock: $(TOOLS)/bin/uv
+	echo "torch==$(TORCH_VERSION)" > $(TOOLS)/torch.txt
+	if [ -f $(LOCK) ]; then cp $(LOCK) $(TOOLS)/lock-full.txt; fi
+	UV_PYTHON_DOWNLOADS=never $(TOOLS)/bin/uv pip compile --quiet pyproject.toml $(LOCK_EXTRAS:%=--extra %) \
+		--universal --python-version $(LOCK_PYTHON) --python $(PYTHON) -c $(TOOLS)/torch.txt $(LOCK_UPGRADE) \
+		--custom-compile-command "make lock" -o $(TOOLS)/lock-full.txt
+	$(PYTHON) requirements/lock.py prune $(TOOLS)/lock-full.txt $(LOCK)
+	$(MAKE) --no-print-directory test
+
+# `make drift`: a throwaway venv with the NEWEST versions pyproject.toml allows (no lock), then the fast tests, so an
+# upstream release that breaks us shows up before a user meets it. Torch is not "newest" but DRIFT_TORCH_SPEC (the CPU
+# wheel by default): the newest torch on PyPI for Linux is a multi-GB CUDA build; on a GPU machine pass
+# DRIFT_TORCH_SPEC=torch. The test list is DRIFT_TESTS; tests marked slow or cuda are left out.
+DRIFT_VENV := .venv-drift
+DRIFT_TORCH_SPEC ?= $(TORCH_SPEC)
+DRIFT_TESTS := tests/test_upstream_contracts.py tests/test_modeling.py tests/test_interop.py tests/test_configuration.py tests/test_compile.py \
+	tests/trainers/test_sft.py tests/trainers/test_qrpo_trainer.py tests/trainers/test_dpo.py
+DRIFT_PACKAGES := torch transformers accelerate trl peft datasets deepspeed
+drift:
+	rm -rf $(DRIFT_VENV)
+	$(PYTHON) -m venv $(DRIFT_VENV)
+	$(DRIFT_VENV)/bin/python -m pip install --quiet "$(DRIFT_TORCH_SPEC)"
+	$(DRIFT_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager "$(DRIFT_TORCH_SPEC)" \
+		-e ".[$(EXTRAS)]"
+	$(DRIFT_VENV)/bin/python requirements/lock.py versions $(LOCK) $(DRIFT_PACKAGES)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 $(DRIFT_VENV)/bin/python -m pytest -q \
+		-m "not slow and not cuda" $(DRIFT_TESTS)
 
 # The embedded default run; extra options go through ARGS, e.g. make pretrain ARGS="--max_steps 50". Without
 # --num_cpu_threads_per_process, `accelerate launch` would limit a non-CPU-config run to one CPU thread.
@@ -45,8 +92,8 @@ dpo: setup $(QRPO_DATA)
 	$(BIN)/accelerate launch $(ACCELERATE_ARGS) recipes/dpo.py $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks recipes data eval
-	$(BIN)/ruff format --check src tests benchmarks recipes data eval
+	$(BIN)/ruff check src tests benchmarks recipes data eval requirements
+	$(BIN)/ruff format --check src tests benchmarks recipes data eval requirements
 
 test: lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 $(BIN)/python -m pytest -q
@@ -58,4 +105,4 @@ benchmark: setup
 	$(BIN)/python benchmarks/qrpo_step.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache outputs
+	rm -rf $(VENV) $(DRIFT_VENV) $(TOOLS) build src/*.egg-info .pytest_cache .ruff_cache outputs

@@ -1,0 +1,168 @@
+"""The internals of transformers, TRL and accelerate that apertus_hf relies on, checked by name and signature.
+
+Each of these is an API that is not (or not only) public and has changed between minor releases before: 5.24
+renamed `past_key_values` to `cache` in masks, caches and outputs, and generation silently decoded without its past
+in our model. Behaviour is tested elsewhere (parity, generation, trainers); these tests fail first and name the
+internal that moved, which is what `make drift` wants to see when a new release comes out.
+"""
+
+import inspect
+
+import pytest
+import torch
+
+
+def parameters(function) -> set[str]:
+    return set(inspect.signature(function).parameters)
+
+
+def test_transformers_masking_takes_the_cache_and_an_extra_mask_function():
+    from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
+
+    # modeling_apertus: create_causal_mask(..., cache=, position_ids=, and_mask_function=document mask).
+    assert {"config", "inputs_embeds", "attention_mask", "cache", "position_ids", "and_mask_function"} <= parameters(
+        create_causal_mask
+    )
+    # modeling_apertus: document ids from restarting positions, None when a row holds one document (outside tracing).
+    packed = find_packed_sequence_indices(torch.tensor([[0, 1, 0, 1, 2, 0]]))
+    assert packed.tolist() == [[0, 0, 1, 1, 1, 2]]
+    assert find_packed_sequence_indices(torch.arange(5)[None]) is None
+
+
+def test_transformers_caches_take_layer_kwargs_and_report_lengths():
+    from transformers import DynamicCache, StaticCache
+
+    from tests.helpers import tiny_config
+
+    config = tiny_config()
+    # modeling_apertus: cache.update(key, value, layer_idx, kwargs=...) as the stock attention calls it.
+    key = value = torch.zeros(1, config.num_key_value_heads, 3, config.hidden_size // config.num_attention_heads)
+    dynamic = DynamicCache(config=config)
+    dynamic.update(key, value, 0, kwargs={})
+    # The document mask branches in Python on a dynamic cache's int length, and inside the mask on a static one's.
+    assert isinstance(dynamic.get_seq_length(), int) and dynamic.get_seq_length() == 3
+    static = StaticCache(config=config, max_cache_len=8)
+    assert static.get_seq_length() == 0
+    static.update(key, value, 0, kwargs={})
+    assert isinstance(static.get_seq_length(), torch.Tensor)
+
+
+def test_transformers_model_helpers_we_build_on():
+    from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
+    from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+    from transformers.utils.deprecation import deprecate_kwarg
+    from transformers.utils.generic import merge_with_config_defaults
+    from transformers.utils.output_capturing import capture_outputs
+
+    # Our outputs carry the cache under its 5.24 name; generation reads `outputs.cache`.
+    assert "cache" in BaseModelOutputWithPast.__dataclass_fields__
+    assert "cache" in CausalLMOutputWithPast.__dataclass_fields__
+    assert {"old_name", "version", "new_name"} <= parameters(deprecate_kwarg)
+    assert "cache" in parameters(GenericForSequenceClassification.forward)
+    assert "cache" in parameters(GenericForTokenClassification.forward)
+    assert callable(merge_with_config_defaults) and callable(capture_outputs)
+
+
+def test_transformers_generation_hands_the_model_its_cache_as_cache():
+    """GenerationMixin passes the KV cache to `forward(cache=...)`; a model reading another name decodes blind."""
+    from apertus_hf import ApertusForCausalLM
+    from tests.helpers import tiny_config
+
+    model = ApertusForCausalLM(tiny_config()).eval()
+    seen = []
+    original_forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        seen.append(sorted(name for name in kwargs if "cache" in name or name == "past_key_values"))
+        return original_forward(*args, **kwargs)
+
+    model.forward = recording_forward
+    model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=2, do_sample=False, pad_token_id=3)
+    assert seen and all("cache" in names and "past_key_values" not in names for names in seen), seen
+
+
+def test_transformers_trainer_hooks_we_use():
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import AcceleratorConfig
+    from transformers.trainer_utils import get_last_checkpoint
+
+    # trainers/recipe.py: AdEMAMix through Trainer's own hook; CPU multi-process through a configured state.
+    assert "optimizer_cls_and_kwargs" in parameters(Trainer.__init__)
+    assert "use_configured_state" in AcceleratorConfig.__dataclass_fields__
+    assert parameters(get_last_checkpoint) == {"folder"}
+
+
+def test_transformers_tokenizer_and_collator_internals():
+    from transformers.data.data_collator import DataCollatorMixin
+    from transformers.integrations.mistral.tokenizer import MistralConverter
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    # tokenization/apertus.py converts tekken with MistralConverter(path).converted(); QRPO's collator is a mixin.
+    assert hasattr(MistralConverter, "converted")
+
+    class Collator(DataCollatorMixin):
+        return_tensors = "pt"
+
+        def torch_call(self, features):
+            return {"count": len(features)}
+
+    assert Collator()([{}, {}]) == {"count": 2}
+    assert VERY_LARGE_INTEGER > 10**20
+
+
+def test_trl_utilities_the_qrpo_trainer_calls():
+    pytest.importorskip("trl")
+    from trl.data_utils import is_conversational
+    from trl.models.utils import prepare_deepspeed
+    from trl.trainer.utils import add_fused_lm_head, generate_model_card, selective_log_softmax
+
+    assert {"model", "temperature", "outputs"} <= parameters(add_fused_lm_head)
+    assert {"logits", "index"} <= parameters(selective_log_softmax)
+    assert {
+        "base_model",
+        "model_name",
+        "hub_model_id",
+        "dataset_name",
+        "tags",
+        "wandb_url",
+        "trackio_url",
+        "trainer_name",
+        "trainer_citation",
+        "paper_title",
+        "paper_id",
+    } <= parameters(generate_model_card)
+    assert parameters(prepare_deepspeed) == {"model", "accelerator"}
+    assert is_conversational({"prompt": [{"role": "user", "content": "hi"}]})
+
+
+def test_trl_fused_head_returns_completion_log_probs():
+    """qrpo.py scores sequences with `model(..., labels=, fused_lm_head=True).log_probs` after `add_fused_lm_head`."""
+    pytest.importorskip("trl")
+    from trl.trainer.utils import add_fused_lm_head, selective_log_softmax
+
+    from apertus_hf import ApertusForCausalLM
+    from tests.helpers import tiny_config
+
+    model = ApertusForCausalLM(tiny_config()).eval()
+    add_fused_lm_head(model)
+    input_ids = torch.randint(4, 256, (2, 7))
+    labels = input_ids.masked_fill(torch.arange(7) < 3, -100)
+    with torch.no_grad():
+        fused = model(input_ids=input_ids, labels=labels, fused_lm_head=True).log_probs
+        logits = model(input_ids=input_ids, use_cache=False).logits
+    direct = selective_log_softmax(logits[:, :-1], input_ids[:, 1:]) * (labels[:, 1:] != -100)
+    torch.testing.assert_close(fused.sum(dim=-1), direct.sum(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_accelerate_utilities_we_use():
+    from accelerate import PartialState
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, gather_object
+
+    # pretraining/trainer.py: gloo for DeepSpeed on the CPU, run folder as project and logging dir.
+    assert InitProcessGroupKwargs(backend="gloo").backend == "gloo"
+    assert {"project_dir", "logging_dir"} <= set(ProjectConfiguration.__dataclass_fields__)
+    # trainers/: PartialState(cpu=True) or PartialState(backend="gloo") (through **kwargs) before TRL builds its own.
+    assert "cpu" in parameters(PartialState.__init__)
+    assert inspect.signature(PartialState.__init__).parameters["kwargs"].kind is inspect.Parameter.VAR_KEYWORD
+    # sampling/qrpo_data: one process gathers the objects of all (identity on one process).
+    assert gather_object([("index", 1)]) == [("index", 1)]
