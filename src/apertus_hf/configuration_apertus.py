@@ -23,8 +23,10 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "dynamic", "yarn", "longr
 # than the one Apertus uses would describe a different model, which we refuse instead of silently ignoring.
 RELEASE_ARCHITECTURE_FLAGS = {"qk_norm": True, "post_norm": False, "mlp_bias": False, "hidden_dropout": 0.0}
 
-# The pretraining initialisation scale of the Apertus runs (SPEC §1): std 0.008944 for embeddings, q/k/v,
-# up_proj and the LM head; output projections use it divided by sqrt(2 * num_hidden_layers).
+# The pretraining initialisation scale of the Apertus runs (`--init-method-std` in swiss-ai/pretrain-code
+# `pretraining/submit_apertus_8b.sh`; `scaled_init_method_normal` in swiss-ai/Megatron-LM `megatron/core/utils.py`):
+# std 0.008944 for embeddings, q/k/v, up_proj and the LM head; output projections use it divided by
+# sqrt(2 * num_hidden_layers).
 APERTUS_INIT_STD = 0.008944
 
 _LLAMA3_ROPE = {
@@ -37,7 +39,8 @@ _LLAMA3_ROPE = {
 }
 
 PRESETS: dict[str, dict] = {
-    # The released shapes (SPEC §1); note that `ApertusConfig()` alone is NOT the 8B model.
+    # The released shapes (Apertus tech report, arXiv 2509.14233, §2.1 'Model Architecture', Table 1); note that
+    # `ApertusConfig()` alone is NOT the 8B model.
     "apertus-8b": {
         "vocab_size": 131072,
         "hidden_size": 4096,

@@ -396,7 +396,9 @@ class ApertusPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The Apertus pretraining initialisation (SPEC §1), covering every parameter and buffer.
+        """The Apertus pretraining initialisation, covering every parameter and buffer (`--init-method-std 0.008944` in
+        swiss-ai/pretrain-code `pretraining/submit_apertus_8b.sh`; `scaled_init_method_normal` in swiss-ai/Megatron-LM
+        `megatron/core/utils.py`).
 
         Normal(0, initializer_range) for embeddings, q/k/v, up_proj, LM head and classification heads; the output
         projections (o_proj, down_proj) are scaled down by sqrt(2 * num_hidden_layers) so the residual stream

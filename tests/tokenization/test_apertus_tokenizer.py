@@ -34,7 +34,7 @@ CONVERSATION = [
     {"role": "user", "content": USER},
     {"role": "assistant", "content": ANSWER},
 ]
-# SPEC §2, verbatim.
+# swiss-ai/posttraining `src/post_training/data_sft/tokenization.py` (template `apertus`), verbatim.
 EXPECTED_RENDERING = (
     f"<s><|system_start|>{SYSTEM}<|system_end|><|developer_start|>Deliberation: disabled\n"
     f"Tool Capabilities: disabled<|developer_end|><|user_start|>{USER}<|user_end|><|assistant_start|>"

@@ -1,4 +1,5 @@
-"""`qrpo_loss` against SPEC §4 computed by hand, and its partition functions against numerical integration."""
+"""`qrpo_loss` against the QRPO loss of the Apertus tech report (arXiv 2509.14233, §4.3 'Preference Alignment')
+computed by hand, and its partition functions against numerical integration."""
 
 import math
 from statistics import NormalDist
@@ -12,7 +13,8 @@ from apertus_hf.trainers.qrpo import beta_log_partition, quantile_rewards, trans
 
 
 def spec_loss(logp, ref_logp, reward, ref_rewards, beta, transform, length=None, length_normalize=False, cap=0.1):
-    """SPEC §4 for one completion, in plain Python."""
+    """The QRPO loss (Apertus tech report, arXiv 2509.14233, §4.3 'Preference Alignment') for one completion, in
+    plain Python."""
     n = len(ref_rewards)
     quantile = sum(ref <= reward for ref in ref_rewards) / n
     if length_normalize:

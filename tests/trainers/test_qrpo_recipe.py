@@ -1,5 +1,6 @@
-"""recipes/qrpo.py: the tiny recipe is the defaults, the Apertus recipes carry SPEC §4, the script runs under
-`accelerate launch`, and bad options fail with clear errors."""
+"""recipes/qrpo.py: the tiny recipe is the defaults, the Apertus recipes carry the values of the Apertus tech report
+(arXiv 2509.14233, §4.3 'Preference Alignment'), the script runs under `accelerate launch`, and bad options fail
+with clear errors."""
 
 import dataclasses
 import json

@@ -145,7 +145,8 @@ class PretrainConfig:
         default=True,
         metadata={
             "help": (
-                "Apply the Goldfish loss (Hans et al. 2024; SPEC §3): leave out about 1/k of the targets, chosen by a hash "
+                "Apply the Goldfish loss (Hans et al. 2024; Apertus tech report, arXiv 2509.14233, §2.3 'Optimizer & "
+                "Training Recipe'): leave out about 1/k of the targets, chosen by a hash "
                 "of the h preceding label ids, so that no passage is learned verbatim."
             )
         },

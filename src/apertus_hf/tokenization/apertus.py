@@ -1,7 +1,8 @@
 """The real Apertus tokenizer, built offline from Mistral-Nemo's tekken v3, with the Apertus chat template.
 
 Apertus' BPE is tekken v3 (`tekken_240718.json`, shipped inside the `mistral-common` wheel): ordinary token id =
-1000 + tekken rank, vocabulary 131,072, and ids 0..999 are the Apertus special slots (`special_tokens.py`, SPEC §2).
+1000 + tekken rank, vocabulary 131,072, and ids 0..999 are the Apertus special slots (`special_tokens.py`; Apertus
+tech report, arXiv 2509.14233, §2.2 'Tokenizer').
 `transformers`' `MistralConverter` already turns the tekken ranks into a `tokenizers` BPE with exactly these ids
 (the same ids as mistral-common's own `Tekkenizer`); only the names of the 1000 special slots differ, so they are
 renamed to the Apertus layout here.
@@ -108,7 +109,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
 
 
 def apertus_generation_config() -> GenerationConfig:
-    """Apertus' recommended sampling (SPEC §2): stop on `</s>`, `<|assistant_end|>` or `<|tools_suffix|>`."""
+    """Apertus' recommended sampling (swiss-ai/Apertus-8B-Instruct-2509's model card and generation_config.json on
+    the Hub): stop on `</s>`, `<|assistant_end|>` or `<|tools_suffix|>`."""
     return GenerationConfig(
         bos_token_id=BOS_TOKEN_ID,
         eos_token_id=[EOS_TOKEN_ID, ASSISTANT_END_TOKEN_ID, TOOLS_SUFFIX_TOKEN_ID],

@@ -1,4 +1,5 @@
-"""The Apertus chat template (SPEC §2): the instruct format with reasoning and tool calls, as one Jinja string.
+"""The Apertus chat template (Apertus tech report, arXiv 2509.14233, §4.2.1 'Format and Chat Template'): the instruct
+format with reasoning and tool calls, as one Jinja string.
 
 Both tokenizers carry it: the real one (`load_apertus_tokenizer`) and the ones `train_bpe_tokenizer` trains, which
 put the Apertus special tokens at the same ids.
@@ -12,7 +13,8 @@ Public uses of the released Apertus instruct template show this default system p
 always renders to the same tokens, which training data needs.
 """
 
-# The Apertus instruct format (SPEC §2; swiss-ai's `apertus_format`), written as small Jinja pieces joined below.
+# The Apertus instruct format (swiss-ai/posttraining `src/post_training/data_sft/tokenization.py`, template
+# `apertus`; swiss-ai's `apertus_format`), written as small Jinja pieces joined below.
 #
 # Conversation: `<s><|system_start|>SYSTEM<|system_end|><|developer_start|>DEVELOPER<|developer_end|>` then the turns.
 # User turn: `<|user_start|>TEXT<|user_end|>`. Assistant turn: `<|assistant_start|>` ... `<|assistant_end|>`, where one

@@ -1,7 +1,8 @@
 """The Apertus special-token layout.
 
 Apertus keeps tekken's convention: ids 0..999 are reserved special slots and ordinary (learned) tokens start at
-id 1000. The slots Apertus gives a meaning to are named below (SPEC §2); every other slot is `<SPECIAL_{id}>`.
+id 1000. The slots Apertus gives a meaning to are named below (as in the Hub's swiss-ai/Apertus-8B-Instruct-2509
+tokenizer_config.json); every other slot is `<SPECIAL_{id}>`.
 The names of the three fill-in-the-middle slots (58-60) are not documented in what this project has access to, so
 they follow the common `<fim_prefix>`/`<fim_middle>`/`<fim_suffix>` convention.
 """

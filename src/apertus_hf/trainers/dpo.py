@@ -1,6 +1,7 @@
 """DPO baseline with TRL's `DPOTrainer`, on the pairs `recipes/qrpo_prepare.py` writes, to compare with QRPO.
 
-Apertus compared QRPO against DPO on the same data (SPEC §4: QRPO matched DPO at 8B and beat it at 70B). `run_dpo`
+Apertus compared QRPO against DPO on the same data (Apertus tech report, arXiv 2509.14233, §4.3 'Preference
+Alignment': QRPO matched DPO at 8B and beat it at 70B). `run_dpo`
 trains on the paired QRPO dataset (prompt, chosen, rejected; the reward columns are dropped, since DPO only uses
 which completion won) with the shared recipe builders of `recipe.py`: the same model, tokenizer, data, LoRA,
 optimizer and logging options as SFT and QRPO, so the two runs differ only in the loss.

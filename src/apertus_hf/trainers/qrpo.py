@@ -85,7 +85,8 @@ def quantile_rewards(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.
 
 
 def transform_quantile_reward(quantile: torch.Tensor, transform: QRPOTransform, num_ref_rewards: int) -> torch.Tensor:
-    """f(R_q), with the clamps that keep `log` and `normal_icdf` finite (SPEC §4)."""
+    """f(R_q), with the clamps that keep `log` and `normal_icdf` finite (as in the QRPO reference code,
+    CLAIRE-Labo/quantile-reward-policy-optimization `src/qrpo/trainers/qrpo.py`)."""
     if transform == "identity":
         return quantile
     if transform == "log":
@@ -193,8 +194,9 @@ def regression_target(
 class QRPOConfig(TrainingArguments):
     r"""Configuration of [`QRPOTrainer`]: the QRPO fields below plus every [`~transformers.TrainingArguments`] field.
 
-    The defaults of the QRPO fields are Apertus' (SPEC §4): identity transform, beta 5, length-normalised beta capped
-    at 0.1, reference log-probs computed once before training.
+    The defaults of the QRPO fields are Apertus' (Apertus tech report, arXiv 2509.14233, §4.3 'Preference Alignment';
+    swiss-ai/posttraining `src/post_training/trainers/preference.py`): identity transform, beta 5, length-normalised
+    beta capped at 0.1, reference log-probs computed once before training.
     """
 
     beta: float = field(

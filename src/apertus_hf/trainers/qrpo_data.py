@@ -1,6 +1,7 @@
 """The QRPO data pipeline: reference completions, their rewards, and the dataset the QRPO trainer (and DPO) reads.
 
-QRPO (SPEC §4, arXiv 2507.08068) needs, for every prompt, the rewards of n completions sampled from the reference
+QRPO (Apertus tech report, arXiv 2509.14233, §4.3 'Preference Alignment'; arXiv 2507.08068) needs, for every prompt,
+the rewards of n completions sampled from the reference
 policy (the SFT model, at temperature 1): a training completion's quantile reward is the fraction of those reference
 rewards at or below its own. `prepare_qrpo_dataset` samples the n completions of each prompt
 (`sampling.generate_completions`), scores them with a reward model folder or a Python reward function
@@ -15,7 +16,8 @@ rewards at or below its own. `prepare_qrpo_dataset` samples the n completions of
 
 The training completions are the reference samples themselves and `ref_rewards` holds all n rewards, each
 completion's own included. That is how the QRPO paper built its datasets (training completions picked among the
-reference completions, whose rewards are the reference rewards) and what SPEC §4 describes; a separate pool of
+reference completions, whose rewards are the reference rewards) and what the Apertus tech report (arXiv 2509.14233)
+§4.3 'Preference Alignment' describes; a separate pool of
 candidates scored against the references would cost more samples for the same rows and is in neither. A consequence:
 a completion counts itself, so its quantile reward is at least 1/n, and `pairs` needs n > 1 / rejected_quantile
 (n >= 6 for 0.2).

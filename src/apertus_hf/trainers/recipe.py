@@ -360,7 +360,8 @@ def load_chat_tokenizer(recipe: PostTrainingRecipeConfig) -> PreTrainedTokenizer
 
 
 def has_apertus_special_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether `tokenizer` has every named Apertus special token at its Apertus id (SPEC §2)."""
+    """Whether `tokenizer` has every named Apertus special token at its Apertus id (the ids of the Hub's
+    swiss-ai/Apertus-8B-Instruct-2509 tokenizer_config.json)."""
     vocab = tokenizer.get_vocab()
     return all(vocab.get(token) == token_id for token_id, token in NAMED_SPECIAL_TOKENS.items())
 

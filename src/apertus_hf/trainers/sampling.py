@@ -31,7 +31,8 @@ from ..tokenization.special_tokens import ASSISTANT_END_TOKEN_ID, SPECIAL_TOKENS
 # A chat prompt is a list of {"role": ..., "content": ...} messages; anything else must be a string.
 Prompt = str | list[dict[str, Any]]
 
-# Apertus ends an assistant turn with <|assistant_end|> and a tool call with <|tools_suffix|> (SPEC §2).
+# Apertus ends an assistant turn with <|assistant_end|> and a tool call with <|tools_suffix|> (the eos_token_id of
+# swiss-ai/Apertus-8B-Instruct-2509's generation_config.json on the Hub).
 APERTUS_END_OF_TURN_TOKENS = (SPECIAL_TOKENS[ASSISTANT_END_TOKEN_ID], SPECIAL_TOKENS[TOOLS_SUFFIX_TOKEN_ID])
 
 # Logits processors, each set to its no-op value: `generate` fills every field left at None from the model's own

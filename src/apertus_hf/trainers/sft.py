@@ -170,7 +170,8 @@ def build_sft_trainer(recipe: SFTRecipeConfig) -> SFTTrainer:
     if recipe.chat_template == "apertus":
         if not has_apertus_special_tokens(tokenizer):
             raise PostTrainingRecipeError(
-                f"chat_template 'apertus' needs the Apertus special tokens at their ids (SPEC §2), which the tokenizer "
+                f"chat_template 'apertus' needs the Apertus special tokens at their ids (those of "
+                f"swiss-ai/Apertus-8B-Instruct-2509's tokenizer_config.json on the Hub), which the tokenizer "
                 f"of {recipe.tokenizer_name_or_path or recipe.model_name_or_path} lacks; set chat_template: tokenizer."
             )
         tokenizer.chat_template = APERTUS_CHAT_TEMPLATE
