@@ -1,5 +1,8 @@
-"""Two processes through `accelerate launch` on the CPU: DDP, and DeepSpeed ZeRO-3 (gloo; FINDINGS.md)."""
+"""Two processes through `accelerate launch` on the CPU with the shipped accelerate configs: DDP, DeepSpeed ZeRO-3 and
+ZeRO-3 with offload (gloo; FINDINGS.md); and every shipped config as `accelerate launch` reads it, FSDP2's included,
+which cannot run on the CPU."""
 
+import json
 import math
 import shutil
 import sys
@@ -12,10 +15,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apertus_hf.data import DataSource, PackedBatchCollator, load_documents, tokenize_and_pack
 from apertus_hf.pretraining import PretrainConfig, complete_checkpoints, pretrain, read_metrics
-from tests.helpers import ZERO3_CPU_CONFIG
-from tests.pretraining.conftest import run_recipe, tiny_run, write_recipe
+from apertus_hf.pretraining.trainer import pretraining_model_config
+from apertus_hf.tokenization import load_tokenizer
+from tests.pretraining.conftest import REPO_ROOT, SHIPPED_TOKENIZER, TINY_MODEL, run_recipe, tiny_run, write_recipe
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+CONFIGS = REPO_ROOT / "accelerate_configs"
+# What a CPU user adds to a shipped multi-GPU config (README): two processes, float32 instead of bf16 autocast.
+CPU_OVERRIDES = ["--num_processes", "2", "--mixed_precision", "no"]
 
 
 def _launch(args: list[str], launcher: list[str], env: dict | None = None) -> str:
@@ -25,10 +32,6 @@ def _launch(args: list[str], launcher: list[str], env: dict | None = None) -> st
     return output
 
 
-def _losses(output_dir: Path) -> dict[int, float]:
-    return {record["step"]: record["train/loss"] for record in read_metrics(output_dir / "metrics.jsonl")}
-
-
 def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path, small_corpus, monkeypatch):
     options = {"max_steps": 6, "eval_documents": 4, "eval_steps": 0, "checkpoint_steps": 3}
     single = pretrain(PretrainConfig(**tiny_run(tmp_path / "single", small_corpus, per_device_batch_size=4, **options)))
@@ -36,39 +39,36 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_
 
     ddp_dir = tmp_path / "ddp"
     recipe = write_recipe(tmp_path / "ddp.yaml", tiny_run(ddp_dir, small_corpus, per_device_batch_size=2, **options))
+    # The shipped ddp.yaml; on a machine without GPUs, ACCELERATE_USE_CPU=1 makes it DDP over gloo (without it each
+    # process would train alone).
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    _launch(
-        ["--config", str(recipe)],
-        [
-            *ACCELERATE,
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ],
-    )
-    assert "on 2 process(es), distributed type MULTI_CPU" in (ddp_dir / "train.log").read_text()
-    # The seedable sampler deals batches of 2 to the two ranks from the same permutation: the same 4 rows per step.
-    ddp_losses, single_losses = _losses(ddp_dir), _losses(single.output_dir)
-    assert sorted(ddp_losses) == list(range(1, 7))
-    for step, loss in single_losses.items():
-        assert ddp_losses[step] == pytest.approx(loss, rel=1e-5), step
+    _launch(["--config", str(recipe)], [*ACCELERATE, "--config_file", str(CONFIGS / "ddp.yaml"), *CPU_OVERRIDES])
+    assert "on 2 process(es), distributed type MULTI_CPU, mixed precision no" in (ddp_dir / "train.log").read_text()
+    # The seedable sampler deals batches of 2 to the two ranks from the same permutation: the same 4 rows per step,
+    # the same mean loss over them and the same gradient (its norm as logged, before clipping).
+    ddp_records = read_metrics(ddp_dir / "metrics.jsonl")
+    single_records = read_metrics(single.output_dir / "metrics.jsonl")
+    assert [record["step"] for record in ddp_records] == list(range(1, 7))
+    for single_record, ddp_record in zip(single_records, ddp_records, strict=True):
+        step = single_record["step"]
+        assert ddp_record["train/loss"] == pytest.approx(single_record["train/loss"], rel=1e-5), step
+        assert ddp_record["train/grad_norm"] == pytest.approx(single_record["train/grad_norm"], rel=1e-5), step
     assert [f.name for f in complete_checkpoints(ddp_dir / "checkpoints")] == ["step_00000006", "step_00000003"]
     assert (ddp_dir / "model" / "model.safetensors").is_file()
 
 
+def _deepspeed_config(checkpoint: Path) -> dict:
+    """The DeepSpeed config the engine ran with, as DeepSpeed recorded it in `checkpoint`."""
+    states = next(checkpoint.rglob("*model_states.pt"))
+    return torch.load(states, map_location="cpu", weights_only=False)["ds_config"]
+
+
 def test_deepspeed_zero3_on_two_cpu_processes_trains_resumes_and_exports(tmp_path, small_corpus):
+    """The shipped zero3.yaml and zero3_offload.yaml, with the CPU overrides."""
     pytest.importorskip("deepspeed")
     output_dir = tmp_path / "zero3"
     eval_file = tmp_path / "eval.jsonl"
     shutil.copy(small_corpus, eval_file)
-    accelerate_config = tmp_path / "zero3.yaml"
-    accelerate_config.write_text(ZERO3_CPU_CONFIG)
     options = tiny_run(
         output_dir,
         small_corpus,
@@ -81,7 +81,7 @@ def test_deepspeed_zero3_on_two_cpu_processes_trains_resumes_and_exports(tmp_pat
         max_eval_batches=4,
         per_device_batch_size=2,
     )
-    launcher = [*ACCELERATE, "--config_file", str(accelerate_config)]
+    launcher = [*ACCELERATE, "--config_file", str(CONFIGS / "zero3.yaml"), *CPU_OVERRIDES]
     # Stop after 8 steps, then resume the same run from the ZeRO-3 checkpoint up to step 16.
     recipe = write_recipe(tmp_path / "zero3_recipe.yaml", options)
     _launch(["--config", str(recipe), "--stop_at_step", "8"], launcher)
@@ -91,23 +91,48 @@ def test_deepspeed_zero3_on_two_cpu_processes_trains_resumes_and_exports(tmp_pat
     # Each rank saved its own shard of the optimizer state.
     shards = sorted(path.name for path in checkpoint.rglob("*optim_states.pt"))
     assert len(shards) == 2, shards
+    zero3 = _deepspeed_config(checkpoint)
+    assert zero3["zero_optimization"]["stage"] == 3
+    assert zero3["zero_optimization"]["offload_optimizer"]["device"] == "none"
+    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert not zero3["bf16"]["enabled"]
+    # The recipe, not the config file, sets clipping and the batch shape (2 rows x 2 processes).
+    assert (zero3["gradient_clipping"], zero3["train_batch_size"]) == (0.1, 4)
 
     assert not (output_dir / "model").exists()
     # The chunked loss reads the LM-head weight without calling `lm_head`, so it gathers the ZeRO-3 shards itself and
-    # its gradient must reach the partitioned weight: the same run with the full logits gives the same losses.
+    # its gradient must reach the partitioned weight: the same run with the full logits gives the same losses and
+    # gradient norms. That run also takes the shipped zero3_offload.yaml (optimizer state and parameters in CPU
+    # memory, DeepSpeed's offload code on its CPU accelerator), which must not change them either.
     plain_dir = tmp_path / "zero3_plain"
     plain_recipe = write_recipe(
         tmp_path / "zero3_plain.yaml", {**options, "output_dir": str(plain_dir), "chunked_loss": False}
     )
-    _launch(["--config", str(plain_recipe), "--stop_at_step", "8"], launcher)
-    chunked_losses, plain_losses = _losses(output_dir), _losses(plain_dir)
-    assert sorted(chunked_losses) == list(range(1, 9))
-    for step, loss in plain_losses.items():
-        assert chunked_losses[step] == pytest.approx(loss, rel=1e-5), step
+    offload_launcher = [*ACCELERATE, "--config_file", str(CONFIGS / "zero3_offload.yaml"), *CPU_OVERRIDES]
+    _launch(["--config", str(plain_recipe), "--stop_at_step", "8"], offload_launcher)
+    offload = _deepspeed_config(complete_checkpoints(plain_dir / "checkpoints")[0])
+    assert offload["zero_optimization"]["stage"] == 3
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert offload["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert not offload["bf16"]["enabled"]
+    assert (offload["gradient_clipping"], offload["train_batch_size"]) == (0.1, 4)
+    chunked_records = read_metrics(output_dir / "metrics.jsonl")
+    plain_records = read_metrics(plain_dir / "metrics.jsonl")
+    assert [record["step"] for record in chunked_records] == [record["step"] for record in plain_records]
+    assert [record["step"] for record in chunked_records] == list(range(1, 9))
+    for plain, chunked in zip(plain_records, chunked_records, strict=True):
+        step = plain["step"]
+        assert chunked["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-5), step
+        # The norm sums the rounding differences of two ways of computing the loss's gradient: 5e-5 apart at step 7.
+        assert chunked["train/grad_norm"] == pytest.approx(plain["train/grad_norm"], rel=1e-3), step
 
+    # The records of the first 8 steps are marked: the resume keeps those up to its checkpoint (step 8).
+    metrics = output_dir / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({**record, "before_resume": True}) + "\n" for record in chunked_records))
     _launch(["--config", str(recipe)], launcher)
-    assert "Resumed from" in (output_dir / "train.log").read_text()
-    losses = _losses(output_dir)
+    records = read_metrics(metrics)
+    assert [record["step"] for record in records if record.pop("before_resume", False)] == list(range(1, 9))
+    losses = {record["step"]: record["train/loss"] for record in records}
     assert sorted(losses) == list(range(1, 17))
     assert losses[16] < losses[1] - 0.2
 
@@ -122,3 +147,64 @@ def test_deepspeed_zero3_on_two_cpu_processes_trains_resumes_and_exports(tmp_pat
     with torch.no_grad():
         loss = model(**batch, use_cache=False).loss.item()
     assert math.isclose(loss, final_eval, rel_tol=0.02), (loss, final_eval)
+
+
+# What the README promises of each shipped accelerate config, as accelerate's own loader reads it.
+PROMISED_CONFIGS = {
+    "cpu.yaml": {"distributed_type": "NO", "use_cpu": True, "num_processes": 1, "mixed_precision": "no"},
+    "single_gpu.yaml": {"distributed_type": "NO", "use_cpu": False, "num_processes": 1, "mixed_precision": "bf16"},
+    "ddp.yaml": {"distributed_type": "MULTI_GPU", "num_machines": 1, "mixed_precision": "bf16"},
+    "zero3.yaml": {"distributed_type": "DEEPSPEED", "mixed_precision": "bf16"},
+    "zero3_offload.yaml": {"distributed_type": "DEEPSPEED", "mixed_precision": "bf16"},
+    "fsdp2.yaml": {"distributed_type": "FSDP", "mixed_precision": "bf16"},
+}
+
+
+def test_every_shipped_accelerate_config_loads_with_accelerate_and_has_the_promised_engine():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert sorted(path.name for path in CONFIGS.glob("*.yaml")) == sorted(PROMISED_CONFIGS)
+    readme = (REPO_ROOT / "README.md").read_text()
+    for name, promised in PROMISED_CONFIGS.items():
+        assert f"| `{name}` |" in readme, name
+        loaded = load_config_from_file(str(CONFIGS / name)).to_dict()
+        assert {key: loaded[key] for key in promised} == promised, name
+    zero3 = load_config_from_file(str(CONFIGS / "zero3.yaml")).deepspeed_config
+    assert (zero3["zero_stage"], zero3["zero3_init_flag"], zero3["zero3_save_16bit_model"]) == (3, True, True)
+    offload_file = load_config_from_file(str(CONFIGS / "zero3_offload.yaml")).deepspeed_config["deepspeed_config_file"]
+    offload = json.loads((REPO_ROOT / offload_file).read_text())["zero_optimization"]
+    assert (offload["stage"], offload["stage3_gather_16bit_weights_on_model_save"]) == (3, True)
+
+
+def test_the_fsdp2_config_shards_every_decoder_layer_untested_on_cpu(monkeypatch):
+    """accelerate's FSDP does not run on a CPU (FINDINGS.md), so fsdp2.yaml is untested there; this checks what
+    `accelerate launch --config_file accelerate_configs/fsdp2.yaml` hands each process, and the plugin accelerate
+    builds from it: FSDP2, one shard group per decoder layer of the model the recipe builds, resharded after the
+    forward, bf16, and a full state dict on save (so the export is a plain transformers folder)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin, prepare_multi_gpu_env
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    arguments = launch_command_parser().parse_args(
+        ["--config_file", str(CONFIGS / "fsdp2.yaml"), str(REPO_ROOT / "recipes" / "pretrain.py")]
+    )
+    arguments, _, _ = _validate_launch_command(arguments)
+    environment = prepare_multi_gpu_env(arguments)
+    assert environment["ACCELERATE_USE_FSDP"] == "true"
+    assert environment["FSDP_VERSION"] == "2"  # FSDP1 would also fail to build its plugin without a GPU
+    assert environment["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    for key, value in environment.items():
+        if key.startswith(("ACCELERATE_", "FSDP_")):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2
+    assert plugin.reshard_after_forward is True
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+    assert not plugin.activation_checkpointing and not plugin.cpu_ram_efficient_loading
+    assert plugin.transformer_cls_names_to_wrap == ["ApertusDecoderLayer"]
+
+    tokenizer = load_tokenizer(str(SHIPPED_TOKENIZER))
+    model = AutoModelForCausalLM.from_config(pretraining_model_config("small", TINY_MODEL, tokenizer, 64))
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [name for name, module in model.named_modules() if policy(module)]
+    assert wrapped == [f"model.layers.{index}" for index in range(model.config.num_hidden_layers)]

@@ -25,6 +25,37 @@ def _losses(output_dir: Path) -> dict[int, float]:
     return {record["step"]: record["train/loss"] for record in read_metrics(output_dir / "metrics.jsonl")}
 
 
+# The fields of a metrics.jsonl record that measure the machine's speed, not the training (tokens/s and the MFU
+# computed from it): they differ between two runs of the same training, so comparisons of runs leave them out.
+TIMING_FIELDS = ("train/tokens_per_second", "train/mfu")
+
+
+def _without_timing(records: list[dict]) -> list[dict]:
+    return [{key: value for key, value in record.items() if key not in TIMING_FIELDS} for record in records]
+
+
+def _mark_records(metrics: Path, mark: str) -> None:
+    """Add `mark: true` to every record of `metrics`. A resumed run keeps the records up to the step it resumed from
+    and writes the later ones anew, so the marked records left afterwards tell that step."""
+    records = read_metrics(metrics)
+    metrics.write_text("".join(json.dumps({**record, mark: True}) + "\n" for record in records))
+
+
+def _marked_steps(records: list[dict], mark: str) -> list[int]:
+    """The steps of the records that carry `mark`, which is removed from every record."""
+    return [record["step"] for record in records if record.pop(mark, False)]
+
+
+@pytest.fixture
+def few_documents(tmp_path, small_corpus) -> Path:
+    """10 short documents of 6 languages: with eval_documents=4, the 6 left make an epoch of 4 steps of 4 rows of 64
+    tokens, so a run of a few dozen steps crosses many epoch boundaries."""
+    lines = small_corpus.read_text().splitlines()[::7][:10]
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps({"text": json.loads(line)["text"][:600]}) + "\n" for line in lines))
+    return path
+
+
 def _unigram_entropy(corpus: Path) -> float:
     """Entropy (nats/token) of the token distribution of `corpus` with <s>/</s> per document."""
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
@@ -93,8 +124,19 @@ def test_training_learns_and_exports_a_model_that_stock_transformers_loads(tmp_p
 
 
 def test_gradient_accumulation_gives_the_loss_and_update_of_one_large_batch(tmp_path, small_corpus):
-    """4 rows in one micro-batch or 2 x 2 accumulated: the same mean over all kept targets, the same update."""
-    common = {"max_steps": 3, "eval_documents": 0, "checkpoint_steps": 0, "goldfish": True}
+    """4 rows in one micro-batch or 2 x 2 accumulated: the same mean over all kept targets, the same gradient (norm as
+    logged, before clipping) and so the same update."""
+    # AdEMAMix's update does not change when the gradient is scaled, and clipping at 0.1 would scale both runs' updates
+    # to the same norm: the losses alone cannot show a wrongly scaled gradient, its logged norm does. Clipping far
+    # above that norm keeps the update the raw gradient's.
+    max_grad_norm = 1e3
+    common = {
+        "max_steps": 3,
+        "eval_documents": 0,
+        "checkpoint_steps": 0,
+        "goldfish": True,
+        "max_grad_norm": max_grad_norm,
+    }
     one_batch = pretrain(PretrainConfig(**tiny_run(tmp_path / "one", small_corpus, per_device_batch_size=4, **common)))
     AcceleratorState._reset_state(True)
     accumulated = pretrain(
@@ -104,9 +146,14 @@ def test_gradient_accumulation_gives_the_loss_and_update_of_one_large_batch(tmp_
             )
         )
     )
-    losses_one, losses_accumulated = _losses(one_batch.output_dir), _losses(accumulated.output_dir)
-    for step in (1, 2, 3):
-        assert losses_accumulated[step] == pytest.approx(losses_one[step], rel=1e-5), step
+    records_one = read_metrics(one_batch.output_dir / "metrics.jsonl")
+    records_accumulated = read_metrics(accumulated.output_dir / "metrics.jsonl")
+    assert [record["step"] for record in records_accumulated] == [record["step"] for record in records_one] == [1, 2, 3]
+    for one, accumulated_record in zip(records_one, records_accumulated, strict=True):
+        step = one["step"]
+        assert accumulated_record["train/loss"] == pytest.approx(one["train/loss"], rel=1e-5), step
+        assert 0 < one["train/grad_norm"] < max_grad_norm, step
+        assert accumulated_record["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-5), step
 
 
 def test_batch_ramp_changes_the_micro_batches_per_step(tmp_path, small_corpus):
@@ -140,41 +187,54 @@ def _wait_for_step(process: subprocess.Popen, metrics: Path, step: int, timeout:
     raise TimeoutError(f"step {step} not reached")
 
 
-def test_a_run_killed_after_a_checkpoint_resumes_with_exactly_the_losses_of_an_uninterrupted_run(
-    tmp_path, small_corpus
+def test_a_run_killed_after_a_checkpoint_resumes_with_exactly_the_records_of_an_uninterrupted_run(
+    tmp_path, few_documents
 ):
+    """Killed after its second checkpoint, which lies past the first epoch, and resumed: every record of metrics.jsonl
+    (loss, learning rate, tokens, epoch, gradient norm, held-out loss; not the timing) is that of a run never killed,
+    bit for bit, across the epoch boundaries after the resume; and the resume took the newest checkpoint."""
     options = {"max_steps": 40, "checkpoint_steps": 5, "eval_steps": 20, "warmup_steps": 4}
     uninterrupted = tmp_path / "uninterrupted"
     completed = run_recipe(
-        ["--config", str(write_recipe(tmp_path / "a.yaml", tiny_run(uninterrupted, small_corpus, **options)))]
+        ["--config", str(write_recipe(tmp_path / "a.yaml", tiny_run(uninterrupted, few_documents, **options)))]
     )
     assert completed.wait(timeout=300) == 0, completed.stdout.read()[-3000:]
+    expected = _without_timing(read_metrics(uninterrupted / "metrics.jsonl"))
+    epochs = [record["train/epoch"] for record in expected]
+    # An epoch is a few steps (few_documents): the checkpoints of steps 5 and 10 lie past the first epoch boundary, and
+    # the run crosses four more after step 10, so a resume that lost the epoch or the token count shows in the records.
+    assert epochs[4] >= 1 and epochs[-1] >= epochs[9] + 4, epochs
 
     killed = tmp_path / "killed"
-    recipe = write_recipe(tmp_path / "b.yaml", tiny_run(killed, small_corpus, **options))
+    recipe = write_recipe(tmp_path / "b.yaml", tiny_run(killed, few_documents, **options))
     process = run_recipe(["--config", str(recipe)])
-    _wait_for_step(process, killed / "metrics.jsonl", 7)
+    # Past step 11 the checkpoints of steps 5 and 10 are complete; keep_checkpoints=2 keeps two from then on.
+    _wait_for_step(process, killed / "metrics.jsonl", 12)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     last_logged = max(_losses(killed))
     assert last_logged < 40, "the run finished before it was killed; the test needs a slower run"
     # The kill may land during the save that follows the last logged step; then the one before is the newest.
-    newest_step = int(complete_checkpoints(killed / "checkpoints")[0].name.removeprefix("step_"))
-    assert newest_step in {last_logged // 5 * 5, last_logged // 5 * 5 - 5} and newest_step >= 5
+    steps_saved = [int(folder.name.removeprefix("step_")) for folder in complete_checkpoints(killed / "checkpoints")]
+    newest_step = steps_saved[0]
+    assert newest_step in {last_logged // 5 * 5, last_logged // 5 * 5 - 5} and newest_step >= 10
+    # Two or more (a kill inside the pruning that follows a save may leave a third): the resume must take the newest.
+    assert steps_saved[:2] == [newest_step, newest_step - 5]
+    _mark_records(killed / "metrics.jsonl", "before_kill")
 
     resumed = run_recipe(["--config", str(recipe)])
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output[-3000:]
-    assert "Resumed from" in (killed / "train.log").read_text()
-    expected, actual = _losses(uninterrupted), _losses(killed)
-    assert sorted(actual) == list(range(1, 41))
-    assert actual == expected  # bit for bit, every step before and after the kill
-    eval_expected = {
-        r["step"]: r["eval/loss"] for r in read_metrics(uninterrupted / "metrics.jsonl") if "eval/loss" in r
-    }
-    eval_actual = {r["step"]: r["eval/loss"] for r in read_metrics(killed / "metrics.jsonl") if "eval/loss" in r}
-    assert eval_actual == eval_expected
+    actual = read_metrics(killed / "metrics.jsonl")
+    # The resume kept the killed run's records up to the newest checkpoint and wrote every later one anew.
+    assert _marked_steps(actual, "before_kill") == list(range(1, newest_step + 1))
+    assert f"step_{newest_step:08d} at step {newest_step}" in (killed / "train.log").read_text()
+    actual = _without_timing(actual)
+    assert [record["step"] for record in actual] == list(range(1, 41))
+    assert [record["step"] for record in actual if "eval/loss" in record] == [20, 40]
+    for expected_record, actual_record in zip(expected, actual, strict=True):
+        assert actual_record == expected_record  # bit for bit, every field of every step before and after the kill
 
 
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path, small_corpus):
@@ -203,27 +263,34 @@ def test_resume_skips_incomplete_and_corrupt_checkpoints(tmp_path, small_corpus,
         "step_00000004",
         "step_00000002",
     ]
-    # step 6: truncated weights (a disk that filled up); step 4: same size, garbage bytes (bit rot);
-    # step 8: a save that died before its manifest, under the final name; and a leftover temporary folder.
-    weights = checkpoints / "step_00000006" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    # step 8: a save that died before its manifest, under the final name (its files are those of step 6, which load);
+    # step 6: a truncated file that loading would not notice (accelerate's load_state skips random states it cannot
+    # read), so only the sizes in the manifest keep the run from resuming there; step 4: same size, garbage bytes
+    # (bit rot), which fail to load; and a leftover temporary folder.
+    shutil.copytree(checkpoints / "step_00000006", checkpoints / "step_00000008")
+    (checkpoints / "step_00000008" / "checkpoint_manifest.json").unlink()
+    random_states = checkpoints / "step_00000006" / "random_states_0.pkl"
+    random_states.write_bytes(random_states.read_bytes()[:100])
     optimizer_state = checkpoints / "step_00000004" / "optimizer.bin"
     optimizer_state.write_bytes(b"\0" * optimizer_state.stat().st_size)
-    shutil.copytree(checkpoints / "step_00000002", checkpoints / "step_00000008")
-    (checkpoints / "step_00000008" / "checkpoint_manifest.json").unlink()
     shutil.copytree(checkpoints / "step_00000002", checkpoints / ".step_00000010.incomplete")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    _mark_records(metrics, "before_resume")
 
     AcceleratorState._reset_state(True)
     with caplog.at_level("WARNING"):
         result = pretrain(PretrainConfig(**{**options, "max_steps": 8}))
+    assert result.steps == 8
+    # Resumed from step 2, the one complete checkpoint that loads: the records up to it are the first run's, steps 3
+    # to 8 were trained again.
+    records = read_metrics(metrics)
+    assert _marked_steps(records, "before_resume") == [1, 2]
+    assert [record["step"] for record in records] == list(range(1, 9))
     messages = caplog.text
     assert "step_00000008: no manifest" in messages
-    assert "step_00000006: model.safetensors has 1000 bytes" in messages
+    assert "step_00000006: random_states_0.pkl has 100 bytes" in messages
     assert "step_00000004 could not be loaded" in messages
-    assert "Resumed from" in (tmp_path / "run" / "train.log").read_text()
     assert "step_00000002 at step 2" in (tmp_path / "run" / "train.log").read_text()
-    assert result.steps == 8
-    assert sorted(_losses(tmp_path / "run")) == list(range(1, 9))
 
 
 def test_resuming_with_another_number_of_cpu_threads_warns_that_rounding_will_differ(tmp_path, small_corpus, caplog):
