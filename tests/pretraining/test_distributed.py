@@ -57,6 +57,21 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_
     assert (ddp_dir / "model" / "model.safetensors").is_file()
 
 
+def test_ddp_config_on_cpu_without_accelerate_use_cpu_refuses_to_train_unsynchronised(
+    tmp_path, small_corpus, monkeypatch
+):
+    output_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "ddp.yaml", tiny_run(output_dir, small_corpus, max_steps=6))
+    launcher = [*ACCELERATE, "--config_file", str(CONFIGS / "ddp.yaml"), *CPU_OVERRIDES]
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    process = run_recipe(["--config", str(recipe)], launcher=launcher)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode != 0
+    assert "2 processes were launched, but accelerate set up no distributed training" in output
+    assert "ACCELERATE_USE_CPU=1" in output
+    assert not (output_dir / "metrics.jsonl").exists()
+
+
 def _deepspeed_config(checkpoint: Path) -> dict:
     """The DeepSpeed config the engine ran with, as DeepSpeed recorded it in `checkpoint`."""
     states = next(checkpoint.rglob("*model_states.pt"))

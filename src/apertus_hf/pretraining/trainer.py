@@ -80,7 +80,8 @@ class _StopRequest:
 
 def _build_accelerator(config: PretrainConfig) -> Accelerator:
     handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if not torch.cuda.is_available() and launched_processes > 1:
         # Multi-process runs on CPU (DDP or DeepSpeed) communicate through gloo; DeepSpeed would otherwise pick a
         # backend that this torch build lacks and each rank would believe it runs alone.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
@@ -93,6 +94,13 @@ def _build_accelerator(config: PretrainConfig) -> Accelerator:
         # The WSD schedule counts optimizer steps; by default accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
     )
+    if launched_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        # E.g. a multi-GPU config on a machine without GPUs: each process would train alone into the same run folder.
+        raise RuntimeError(
+            f"{launched_processes} processes were launched, but accelerate set up no distributed training "
+            "(distributed type NO): they would train unsynchronised into one run folder. Without GPUs, launch DDP "
+            "with ACCELERATE_USE_CPU=1 (or a DeepSpeed config); see the README's Pretraining section."
+        )
     deepspeed_plugin = accelerator.state.deepspeed_plugin
     if deepspeed_plugin is not None:
         # The recipe, not the engine's config file, owns clipping and the batch shape.
