@@ -97,10 +97,20 @@ def test_drop_rate_is_about_one_over_k():
     # (With h=50 about a tenth of random windows hold >= 64 factors of two, wrap to 0 and share key 0, which the
     # table keeps: that variant drops fewer than 1/k of random targets, as the hash-table recipe defines it.)
     k, h = 50, 3
-    labels = random_labels((50, 4002), VOCAB, seed=0)
-    rate = goldfish_drop_mask(labels, k=k, h=h)[:, h - 1 :].float().mean().item()
-    # 200,000 targets: the binomial standard deviation is sqrt(0.02 * 0.98 / 2e5) = 0.0003, so this is > 6 sigma.
-    assert abs(rate - 1 / k) < 0.002
+    # The table's own share of values below 1/k (compared in float32, as the mask does) is a binomial draw of
+    # 1,000,003 values around 1/k: 0.019901, -0.71 standard errors (SE 0.00014) from 0.02.
+    table_share = (_hash_table(torch.device("cpu")) < 1 / k).double().mean().item()
+    table_se = (1 / k * (1 - 1 / k) / M) ** 0.5
+    assert abs(table_share - 1 / k) < 4 * table_se, (table_share, table_se)
+    # Keys spread uniformly over the table drop each target with probability table_share, so the number dropped is
+    # binomial: 4,000,000 targets give an SE of sqrt(p (1 - p) / n) = 0.00007. Seen: 0.0199805, +1.1 SE. Within
+    # 4 SE fails a correct mask with probability 6e-5, and a mask dropping at 1/(k - 1) (+7.3 SE) or 1/(k + 1)
+    # (-4.3 SE) on these labels fails; the old 200,000 targets and a fixed +-0.002 (6 SE) let both of those through.
+    labels = random_labels((1000, 4002), VOCAB, seed=0)
+    dropped = goldfish_drop_mask(labels, k=k, h=h)[:, h - 1 :]
+    rate = dropped.double().mean().item()
+    standard_error = (table_share * (1 - table_share) / dropped.numel()) ** 0.5
+    assert abs(rate - table_share) < 4 * standard_error, (rate, table_share, standard_error)
 
 
 @pytest.mark.parametrize("h", [3, 50])

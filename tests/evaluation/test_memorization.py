@@ -3,6 +3,7 @@ extraction rate without Goldfish and a low one with it, against none on held-out
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -66,8 +67,21 @@ def test_audit_shows_memorization_without_goldfish_and_little_with_it(
     assert standard["metrics"]["prefix_match_train"] == SUFFIX_TOKENS
     assert standard["metrics"]["exact_match_heldout"] == 0.0
     assert standard["metrics"]["exact_match_difference"] == 1.0
-    assert goldfish["metrics"]["exact_match_train"] <= 0.25
-    assert goldfish["metrics"]["prefix_match_train"] < SUFFIX_TOKENS / 2
+    # Goldfish against standard on the same four training passages, passage by passage: both the exact matches and
+    # the matching-prefix lengths must fall by more than 3 standard errors of the per-passage difference. No effect
+    # (the same per-passage results) gives 0 > 0, a failure. Four passages are 3 degrees of freedom, where 3 SE is a
+    # one-sided p of about 0.03, so the margin matters: seen prefix lengths 40, 40, 40, 40 against 0, 2, 4, 15,
+    # -34.75 tokens with an SE of 3.35 (10.4 SE); exact matches 4 against 0 (SE 0: a single Goldfish match fails).
+    standard_lengths = standard["details"]["train"]["prefix_match_per_passage"]
+    goldfish_lengths = goldfish["details"]["train"]["prefix_match_per_passage"]
+    pairs = list(zip(standard_lengths, goldfish_lengths, strict=True))
+    for name, drops in (
+        ("prefix_match", [s - g for s, g in pairs]),
+        ("exact_match", [int(s == SUFFIX_TOKENS) - int(g == SUFFIX_TOKENS) for s, g in pairs]),
+    ):
+        mean, standard_error = statistics.fmean(drops), statistics.stdev(drops) / len(drops) ** 0.5
+        print(f"{name}: Goldfish lower by {mean:.2f}, standard error {standard_error:.2f}")
+        assert mean > 3 * standard_error, (name, standard_lengths, goldfish_lengths)
 
 
 def test_audit_names_a_missing_model_folder(tmp_path):

@@ -91,6 +91,9 @@ def run_recipe(args: list[str], launcher: list[str] | None = None, **kwargs) -> 
 # The toy memorization setup: a model trained for 150 steps on four passages (one per language) memorizes them.
 MEMORIZATION_SEQ_LEN = 64
 MEMORIZATION_LANGUAGES = ("en", "fr", "it", "es")
+# The Goldfish options of the toy model trained with Goldfish: a quarter of the targets dropped, by 8-token contexts.
+MEMORIZATION_GOLDFISH_K = 4
+MEMORIZATION_GOLDFISH_H = 8
 
 
 def write_memorization_passages(folder: Path, document_index: int = 0) -> tuple[Path, list[str]]:
@@ -114,7 +117,8 @@ def write_memorization_passages(folder: Path, document_index: int = 0) -> tuple[
 
 
 def train_toy_memorization_model(output_dir: Path, corpus: Path, goldfish: bool) -> Path:
-    """Train the toy model on `corpus` for many epochs (Goldfish k=4, h=8 when `goldfish`); its exported folder."""
+    """Train the toy model on `corpus` for many epochs (with MEMORIZATION_GOLDFISH_K and _H when `goldfish`); its
+    exported folder."""
     AcceleratorState._reset_state(True)
     options = tiny_run(
         output_dir,
@@ -127,8 +131,8 @@ def train_toy_memorization_model(output_dir: Path, corpus: Path, goldfish: bool)
         warmup_steps=10,
         learning_rate=1e-2,
         goldfish=goldfish,
-        goldfish_k=4,
-        goldfish_h=8,
+        goldfish_k=MEMORIZATION_GOLDFISH_K,
+        goldfish_h=MEMORIZATION_GOLDFISH_H,
     )
     result = pretrain(PretrainConfig(**options))
     AcceleratorState._reset_state(True)
