@@ -10,7 +10,7 @@ EXTRAS := dev,deepspeed,post-training,eval
 LOCK := requirements/lock.txt
 BIN := $(VENV)/bin
 
-.PHONY: setup lock drift pretrain sft qrpo-data qrpo dpo test lint benchmark clean
+.PHONY: setup lock drift pretrain sft qrpo-data qrpo dpo test test-fast lint benchmark clean
 
 # `pip install -c` moves every locked package to its pin (up or down) in a venv made before a lock change; the check
 # after it fails, naming the package, if anything still differs from the lock.
@@ -97,6 +97,11 @@ lint: setup
 
 test: lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 $(BIN)/python -m pytest -q
+
+# The inner loop: the suite without the tests marked slow (end-to-end runs in subprocesses, about 15 s or more each on
+# 2 CPU cores). `make test`, which CI runs, includes them.
+test-fast: lint
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 $(BIN)/python -m pytest -q -m "not slow"
 
 benchmark: setup
 	$(BIN)/python benchmarks/model_speed.py

@@ -52,6 +52,7 @@ def _audit(model_dir: Path, train: Path, heldout: Path, output: Path) -> dict:
     return json.loads(output.read_text())
 
 
+@pytest.mark.slow
 def test_audit_shows_memorization_without_goldfish_and_little_with_it(
     tmp_path, toy_memorization_models, memorization_passages, heldout_memorization_passages
 ):

@@ -4,12 +4,14 @@ with fewer steps."""
 import os
 import subprocess
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 from apertus_hf.pretraining import read_metrics
 from tests.pretraining.conftest import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_make_pretrain_runs_the_embedded_default(tmp_path):
     output_dir = tmp_path / "default"
     arguments = f"--output_dir {output_dir} --max_steps 12 --warmup_steps 2 --eval_steps 6 --checkpoint_steps 6"

@@ -32,6 +32,7 @@ def _launch(args: list[str], launcher: list[str], env: dict | None = None) -> st
     return output
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path, small_corpus, monkeypatch):
     options = {"max_steps": 6, "eval_documents": 4, "eval_steps": 0, "checkpoint_steps": 3}
     single = pretrain(PretrainConfig(**tiny_run(tmp_path / "single", small_corpus, per_device_batch_size=4, **options)))
@@ -57,6 +58,7 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_
     assert (ddp_dir / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_ddp_config_on_cpu_without_accelerate_use_cpu_refuses_to_train_unsynchronised(
     tmp_path, small_corpus, monkeypatch
 ):
@@ -78,6 +80,7 @@ def _deepspeed_config(checkpoint: Path) -> dict:
     return torch.load(states, map_location="cpu", weights_only=False)["ds_config"]
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_on_two_cpu_processes_trains_resumes_and_exports(tmp_path, small_corpus):
     """The shipped zero3.yaml and zero3_offload.yaml, with the CPU overrides."""
     pytest.importorskip("deepspeed")

@@ -3,6 +3,7 @@ it, and cannot reproduce them with it, because the same context always hides the
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,6 +30,7 @@ def _count_verbatim(model_dir: Path, texts: list[str]) -> int:
     return verbatim
 
 
+@pytest.mark.slow
 def test_goldfish_prevents_verbatim_memorization(memorization_passages, toy_memorization_models):
     _, texts = memorization_passages
     # All of four against none is the strongest outcome four passages allow (Fisher's exact test: one-sided p =
@@ -64,6 +66,7 @@ def _z(more: list[bool], fewer: list[bool]) -> float:
     return difference / standard_error if standard_error > 0 else 0.0
 
 
+@pytest.mark.slow
 def test_goldfish_hides_exactly_the_dropped_targets(memorization_passages, toy_memorization_models):
     """The mechanism, over every target of the four passages rather than four verbatim yes/no: the Goldfish model
     predicts the targets the loss kept as well as the standard model does and misses the ones it dropped. Targets of

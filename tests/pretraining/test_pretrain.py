@@ -67,6 +67,7 @@ def _unigram_entropy(corpus: Path) -> float:
     return -sum(count / total * math.log(count / total) for count in counts.values())
 
 
+@pytest.mark.slow
 def test_training_learns_and_exports_a_model_that_stock_transformers_loads(tmp_path, small_corpus):
     config = PretrainConfig(
         **tiny_run(
@@ -187,6 +188,7 @@ def _wait_for_step(process: subprocess.Popen, metrics: Path, step: int, timeout:
     raise TimeoutError(f"step {step} not reached")
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_a_checkpoint_resumes_with_exactly_the_records_of_an_uninterrupted_run(
     tmp_path, few_documents
 ):

@@ -40,6 +40,7 @@ def test_the_chunked_loss_trains_like_the_full_logits(tmp_path, small_corpus):
     assert len(chunked_eval) == 2 and chunked_eval == pytest.approx(plain_eval, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_layers_and_fused_xielu_train_like_eager(tmp_path, small_corpus):
     eager, eager_eval, _ = _run(tmp_path, small_corpus, "eager", xielu_implementation="eager")
     compiled, compiled_eval, log = _run(

@@ -101,6 +101,7 @@ def assert_pairs_learned(result, policy_dir: Path) -> None:
     assert mean > 3 * standard_error, (mean, standard_error, margins)
 
 
+@pytest.mark.slow
 def test_dpo_widens_the_chosen_over_rejected_margin_and_saves_an_instruct_model(tmp_path, policy_dir, pairs_dir):
     result = run_dpo(dpo_recipe(tmp_path, policy_dir, pairs_dir))
     margins = logged_margins(result)
@@ -118,6 +119,7 @@ def test_dpo_widens_the_chosen_over_rejected_margin_and_saves_an_instruct_model(
     assert (result.output_dir / RECIPE_FILE_NAME).is_file()
 
 
+@pytest.mark.slow
 def test_dpo_with_lora_trains_an_adapter(tmp_path, policy_dir, pairs_dir):
     result = run_dpo(
         dpo_recipe(tmp_path, policy_dir, pairs_dir, use_lora=True, lora_r=4, learning_rate=1e-2, merge_lora=True)

@@ -106,6 +106,7 @@ def sample_and_score(model_dir: Path, prompts: list[str], reference_dir: Path) -
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 def test_qrpo_raises_the_reward_and_keeps_the_text_well_formed(tmp_path, reference_policy, use_lora):
     train_prompts, _ = prompts_file(tmp_path, offset=0)

@@ -105,6 +105,7 @@ def test_lora_run_saves_the_adapter_and_a_merged_model(tmp_path, policy_and_data
     )
 
 
+@pytest.mark.slow
 def test_recipe_script_runs_under_accelerate_launch(tmp_path, policy_and_data):
     policy, data = policy_and_data
     arguments = [
@@ -117,6 +118,7 @@ def test_recipe_script_runs_under_accelerate_launch(tmp_path, policy_and_data):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, policy_and_data):
     """DDP on 2 CPU processes with half the batch each: same reference log-probs, same updates, same model."""
     policy, data = policy_and_data

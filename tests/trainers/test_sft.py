@@ -99,6 +99,7 @@ def test_labels_cover_exactly_the_assistant_answers_and_their_end_token(tiny_mod
     assert any(len(row["tasks"]) > 1 for row in rows)
 
 
+@pytest.mark.slow
 def test_short_run_lowers_the_eval_loss_and_saves_an_instruct_model(tiny_model_dir, chat_slice, tmp_path):
     recipe = tiny_recipe(tmp_path / "run", tiny_model_dir, chat_slice)
     result = run_sft(recipe)
@@ -226,6 +227,7 @@ def test_bad_input_gets_errors_that_name_the_problem(tiny_model_dir, chat_slice,
         build_sft_trainer(tiny_recipe(tmp_path, tmp_path / "no_model", chat_slice))
 
 
+@pytest.mark.slow
 def test_recipe_script_runs_under_accelerate_launch(tiny_model_dir, chat_slice, tmp_path):
     arguments = [
         "--model_name_or_path", str(tiny_model_dir), "--dataset", str(chat_slice), "--output_dir", str(tmp_path),
@@ -238,6 +240,7 @@ def test_recipe_script_runs_under_accelerate_launch(tiny_model_dir, chat_slice, 
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / RECIPE_FILE_NAME).is_file()
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_on_two_cpu_processes_trains_and_saves_the_full_model(tiny_model_dir, chat_slice, tmp_path):
     pytest.importorskip("deepspeed")
     accelerate_config = tmp_path / "zero3.yaml"
