@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch._dynamo
 
-from apertus_hf.acceleration import resolve_attn_implementation
 from apertus_hf.pretraining import PretrainConfig, pretrain, read_metrics
+from apertus_hf.runtime import resolve_attn_implementation
 from tests.pretraining.conftest import tiny_run
 
 

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..acceleration import check_attn_implementation
 from ..configuration_apertus import PRESETS
+from ..runtime import check_attn_implementation
 
 
 @dataclass

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
-from ..acceleration import apply_speed_options, resolve_attn_implementation
 from ..configuration_apertus import ApertusConfig
 from ..data import DataSource, LoadStats, PackedBatchCollator, load_documents, tokenize_and_pack
 from ..optim import AdEMAMix, WSDSchedule, build_parameter_groups
+from ..runtime import apply_speed_options, resolve_attn_implementation
 from ..tokenization import load_tokenizer
 from .checkpointing import TrainingProgress, load_latest_checkpoint, save_checkpoint
 from .config import PretrainConfig

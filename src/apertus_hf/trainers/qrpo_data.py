@@ -54,7 +54,7 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from ..acceleration import check_attn_implementation, resolve_attn_implementation
+from ..runtime import check_attn_implementation, resolve_attn_implementation
 from .qrpo import PAIRED_COLUMNS, UNPAIRED_COLUMNS, quantile_rewards
 from .recipe import check_model_source, load_chat_tokenizer, load_dataset_splits
 from .sampling import Completion, Prompt, generate_completions, is_chat_prompt

@@ -29,8 +29,8 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..acceleration import check_attn_implementation, resolve_attn_implementation
 from ..optim import AdEMAMix
+from ..runtime import check_attn_implementation, resolve_attn_implementation
 from ..tokenization import APERTUS_CHAT_TEMPLATE, APERTUS_TOKENIZER_NAME, NAMED_SPECIAL_TOKENS, load_tokenizer
 from ..tokenization.apertus import apertus_generation_config
 from ..tokenization.special_tokens import ASSISTANT_END_TOKEN_ID
