@@ -169,13 +169,32 @@ def test_hub_dataset_without_the_text_column_lists_its_columns(monkeypatch):
 
 
 def test_a_path_that_exists_nowhere_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"not a local file, folder or glob.*Check the path"):
+    with pytest.raises(
+        FileNotFoundError, match=r"corpus.jsonl': no such file or folder.*not a local file.*Check the path"
+    ):
         load_documents([DataSource(str(tmp_path / "missing" / "corpus.jsonl"))])
+    with pytest.raises(FileNotFoundError, match=r"'outputs/corpus.jsonl': no such file or folder"):
+        # One "/" reads like a Hub id, but its first component is a folder here: a missing local path.
+        (tmp_path / "outputs").mkdir()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(tmp_path)
+            load_documents([DataSource("outputs/corpus.jsonl")])
     with pytest.raises(FileNotFoundError, match=r"No data files in glob"):
         load_documents([DataSource(str(tmp_path / "*.jsonl"))])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"No data files in folder .*empty: looked for \.jsonl"):
         load_documents([DataSource(str(tmp_path / "empty"))])
+
+
+def test_empty_files_are_named(tmp_path):
+    (tmp_path / "a.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"a\.jsonl is empty; add documents"):
+        load_documents([DataSource(str(tmp_path / "a.jsonl"))])
+    (tmp_path / "b.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"a\.jsonl, .*b\.jsonl are empty"):
+        load_documents([DataSource(str(tmp_path))])
+    (tmp_path / "c.jsonl").write_text('{"text": "one document"}\n')
+    assert load_documents([DataSource(str(tmp_path))])["text"] == ["one document"]
 
 
 def test_a_plausible_hub_id_that_cannot_be_loaded_says_both_tries_failed(monkeypatch):

@@ -34,6 +34,8 @@ from typing import Any, Literal
 import datasets
 import pyarrow.compute as pc
 
+from ..runtime import resolve_source
+
 logger = logging.getLogger(__name__)
 
 TextUnit = Literal["file", "paragraph"]
@@ -46,7 +48,6 @@ _FORMAT_SUFFIXES = {
 }
 _GLOB_CHARACTERS = re.compile(r"[*?\[]")
 # A Hub dataset id: "name" or "namespace/name" of letters, digits, "-", "_", ".".
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 # Reasons a record is skipped, as counted in `LoadStats`.
 EMPTY = "empty document"
@@ -315,6 +316,13 @@ def _load_line_files(
     # line number, and cannot skip and count bad lines. `from_generator` caches by the hash of the generator and
     # its kwargs, not the file contents, so each file's size and mtime are part of the kwargs: an edited file
     # is read again. The file list is a list in gen_kwargs, so num_proc (and streaming shards) split it by file.
+    empty = [f for f, _ in files if os.stat(f).st_size == 0]
+    if len(empty) == len(files):
+        # datasets would only say that the split "corresponds to no data", without naming a file.
+        raise ValueError(
+            f"DataSource {source.path!r}: {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty; add "
+            "documents or point the source to files that hold some."
+        )
     gen_kwargs = {
         "files": [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns, fmt) for f, fmt in files],
         "text_column": source.text_column,
@@ -449,11 +457,12 @@ def _load_parquet(
 def _load_hub(
     source: DataSource, *, streaming: bool, on_bad_record: OnBadRecord
 ) -> datasets.Dataset | datasets.IterableDataset:
-    if not _HUB_ID.match(source.path):
-        raise FileNotFoundError(
-            f"DataSource path {source.path!r} is not a local file, folder or glob (looked in {os.getcwd()}) "
-            "and not a Hub dataset id ('name' or 'namespace/name'). Check the path."
-        )
+    resolve_source(
+        source.path,
+        "DataSource path",
+        f"It is not a local file, folder or glob (looked in {os.getcwd()}) nor a Hub dataset id (namespace/name). "
+        "Check the path.",
+    )
     try:
         dataset = datasets.load_dataset(
             source.path, source.name, split=source.split, streaming=streaming, data_files=source.data_files
