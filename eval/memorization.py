@@ -1,7 +1,8 @@
 """The Goldfish memorization audit: greedy extraction of training passages against held-out ones:
 `python eval/memorization.py --model DIR --train TRAIN.jsonl --heldout HELDOUT.jsonl`.
 
-Passages and metrics: see `apertus_hf.evaluation.memorization`. Writes an EvalResult JSON (default
+Passages and metrics: see `apertus_hf.evaluation.memorization`; the metrics come from the `evaluate` module shipped
+in the package (`apertus_hf.evaluation.load_metric("memorization_exact_match")`). Writes an EvalResult JSON (default
 `<model>/eval_results/memorization.json`) and prints the metrics.
 """
 
@@ -14,7 +15,7 @@ from apertus_hf.evaluation.memorization import evaluate_memorization
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model", required=True, help="Model folder loadable by AutoModelForCausalLM (any architecture)."
+        "--model", required=True, help="Model folder or Hub id loadable by AutoModelForCausalLM (any architecture)."
     )
     parser.add_argument("--train", required=True, nargs="+", help="Files of documents the model was trained on.")
     parser.add_argument("--heldout", required=True, nargs="+", help="Files of comparable documents it never saw.")

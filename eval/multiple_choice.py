@@ -1,5 +1,6 @@
 """Zero-shot multiple-choice accuracy (acc, acc_norm, acc_bytes) of a causal LM on a JSONL task, scored as
-lm-evaluation-harness scores multiple-choice tasks, written as an evaluation result JSON.
+lm-evaluation-harness scores multiple-choice tasks (by the `evaluate` module shipped in the package,
+`apertus_hf.evaluation.load_metric("multiple_choice_accuracy")`), written as an evaluation result JSON.
 
     python eval/multiple_choice.py --model outputs/pretrain/model --task eval/tasks/apertus_toy_mc/apertus_toy_mc.jsonl
 """

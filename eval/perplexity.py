@@ -1,8 +1,9 @@
 """Perplexity and bits per byte of a causal LM on jsonl documents, per language, source or file, and overall:
 `python eval/perplexity.py --model DIR --data data/corpus/*.jsonl --group_by language`.
 
-What is scored and how long documents are windowed: see `apertus_hf.evaluation.perplexity`. Writes an EvalResult
-JSON (default `<model>/eval_results/perplexity.json`) and prints the metrics.
+What is scored and how long documents are windowed: see `apertus_hf.evaluation.perplexity`. The metrics come from
+the `evaluate` module shipped in the package (`apertus_hf.evaluation.load_metric("bits_per_byte")`). Writes an
+EvalResult JSON (default `<model>/eval_results/perplexity.json`) and prints the metrics.
 """
 
 import argparse
@@ -14,7 +15,7 @@ from apertus_hf.evaluation.perplexity import GROUP_BY_CHOICES, evaluate_perplexi
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model", required=True, help="Model folder loadable by AutoModelForCausalLM (any architecture)."
+        "--model", required=True, help="Model folder or Hub id loadable by AutoModelForCausalLM (any architecture)."
     )
     parser.add_argument(
         "--data", required=True, nargs="+", help="Data files (jsonl; txt/parquet with --group_by file)."

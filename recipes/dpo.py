@@ -3,21 +3,29 @@
 [--key value ...]`.
 
 With no arguments it runs the embedded default: the model `recipes/sft.py` writes, trained with DPO on the pairs of
-`recipes/qrpo_prepare.py`'s default run, for a side-by-side comparison with `recipes/qrpo.py`. Every option is a
-field of `apertus_hf.trainers.dpo.DPORecipeConfig`; `--help` lists them.
+`recipes/qrpo_prepare.py`'s default run, for a side-by-side comparison with `recipes/qrpo.py`. The options are those
+of `apertus_hf.trainers.dpo.DPOArguments` (model, data, LoRA, AdEMAMix) and of TRL's `DPOConfig` (beta, loss_type,
+training, logging, checkpoints); `--help` lists them. The final model gets apertus_hf's model card; with
+`hub_model_id` it is published there (`hub_private_repo` for a new repo's visibility).
 """
 
-from apertus_hf.recipe_args import parse_recipe_args
-from apertus_hf.trainers.dpo import DPORecipeConfig, run_dpo
+from apertus_hf.hub import publish, write_model_card
+from apertus_hf.trainers.dpo import DPO_RECIPE, run_dpo
 
 
-def main() -> None:
-    result = run_dpo(parse_recipe_args(DPORecipeConfig))
+def main(argv: list[str] | None = None) -> None:
+    recipe, args = DPO_RECIPE.parse(argv, description=__doc__)
+    result = run_dpo(recipe, args)
     if not result.is_main_process:
         return
+    for folder in dict.fromkeys((result.output_dir, result.model_dir)):
+        write_model_card(folder, args.hub_model_id)
+    if args.hub_model_id:
+        publish(result.model_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token)
     margins = [entry["rewards/margins"] for entry in result.trainer.state.log_history if "rewards/margins" in entry]
     summary = f", reward margin {margins[0]:.4f} -> {margins[-1]:.4f}" if margins else ""
-    print(f"Done: {result.steps} steps{summary}; model in {result.model_dir}.")
+    published = f", published to {args.hub_model_id}" if args.hub_model_id else ""
+    print(f"Done: {result.steps} steps{summary}; model in {result.model_dir}{published}.")
 
 
 if __name__ == "__main__":

@@ -2,21 +2,28 @@
 [--config recipes/configs/<size>/pretrain.yaml] [--key value ...]`.
 
 With no arguments it trains the embedded default (a small model on the corpus and tokenizer in data/). Every option
-is a field of `apertus_hf.pretraining.PretrainConfig`; `--help` lists them.
+is a field of `apertus_hf.pretraining.PretrainConfig`; `--help` lists them. The exported model gets its model card,
+and with `--hub_model_id ORG/NAME` it is published to the Hub.
 """
 
+from apertus_hf.hub import publish, write_model_card
 from apertus_hf.pretraining import PretrainConfig, pretrain
 from apertus_hf.recipe_args import parse_recipe_args
 
 
 def main() -> None:
-    result = pretrain(parse_recipe_args(PretrainConfig))
+    config = parse_recipe_args(PretrainConfig, description=__doc__)
+    result = pretrain(config)
     if not result.is_main_process:
         return
     if result.interrupted:
         print(f"Stopped at step {result.steps}; run the same command again to resume from {result.output_dir}.")
-    else:
-        print(f"Done: {result.steps} steps, {result.tokens_seen:,} tokens, model in {result.model_dir}.")
+        return
+    write_model_card(result.model_dir, repo_id=config.hub_model_id)
+    if config.hub_model_id:
+        published = publish(result.model_dir, config.hub_model_id, private=config.hub_private_repo)
+        print(f"Published {result.model_dir} to the Hub: {published.commit_url}")
+    print(f"Done: {result.steps} steps, {result.tokens_seen:,} tokens, model in {result.model_dir}.")
 
 
 if __name__ == "__main__":

@@ -2,18 +2,27 @@
 [--config recipes/configs/<size>/qrpo.yaml] [--key value ...]`.
 
 The data comes from `recipes/qrpo_prepare.py` (reference completions, rewards and reference rewards). With no
-arguments it runs the embedded default. Every option is a field of `apertus_hf.trainers.qrpo_recipe.QRPORecipeConfig`;
-`--help` lists them.
+arguments it runs the embedded default. The options are those of `apertus_hf.trainers.qrpo_recipe.QRPOArguments`
+(model, data, LoRA, AdEMAMix) and of `apertus_hf.trainers.qrpo.QRPOConfig` (beta, transform, training, logging,
+checkpoints); `--help` lists them. The final model gets apertus_hf's model card; with `hub_model_id` it is published
+there (`hub_private_repo` for a new repo's visibility).
 """
 
-from apertus_hf.recipe_args import parse_recipe_args
-from apertus_hf.trainers.qrpo_recipe import QRPORecipeConfig, run_qrpo
+from apertus_hf.hub import publish, write_model_card
+from apertus_hf.trainers.qrpo_recipe import QRPO_RECIPE, run_qrpo
 
 
-def main() -> None:
-    result = run_qrpo(parse_recipe_args(QRPORecipeConfig))
-    if result.is_main_process:
-        print(f"Done: model in {result.model_dir}; metrics in {result.output_dir / 'all_results.json'}.")
+def main(argv: list[str] | None = None) -> None:
+    recipe, args = QRPO_RECIPE.parse(argv, description=__doc__)
+    result = run_qrpo(recipe, args)
+    if not result.is_main_process:
+        return
+    for folder in dict.fromkeys((result.output_dir, result.model_dir)):
+        write_model_card(folder, args.hub_model_id)
+    if args.hub_model_id:
+        publish(result.model_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token)
+    published = f", published to {args.hub_model_id}" if args.hub_model_id else ""
+    print(f"Done: model in {result.model_dir}{published}; metrics in {result.output_dir / 'all_results.json'}.")
 
 
 if __name__ == "__main__":

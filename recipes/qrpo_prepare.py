@@ -4,11 +4,11 @@
 
 With no arguments it runs the embedded default: 8 completions for each of 256 prompts of data/chat from the model
 `recipes/sft.py` writes, scored by a toy reward (similarity to the dataset's answer), kept as Apertus-style pairs. Every option is a field of
-`apertus_hf.trainers.qrpo_data.QRPOPrepareConfig`; `--help` lists them.
+`apertus_hf.preference.QRPOPrepareConfig`; `--help` lists them.
 """
 
+from apertus_hf.preference import QRPOPrepareConfig, prepare_qrpo_dataset
 from apertus_hf.recipe_args import parse_recipe_args
-from apertus_hf.trainers.qrpo_data import QRPOPrepareConfig, prepare_qrpo_dataset
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ class _Repo:
     folder: Path
     private: bool
     sha: str = "0" * 40
+    create_request: dict = field(default_factory=dict)  # the body of the create request, e.g. what it said of privacy
 
     def files(self) -> dict[str, Path]:
         return {
@@ -143,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
         folder = self.hub.root / repo_id
         folder.mkdir(parents=True)
         private = request.get("visibility") == "private" or bool(request.get("private"))
-        self.hub.repos[repo_id] = _Repo(folder=folder, private=private)
+        self.hub.repos[repo_id] = _Repo(folder=folder, private=private, create_request=request)
         self._json({"url": url, "name": repo_id})
 
     def validate_yaml(self) -> None:

@@ -156,13 +156,39 @@ def test_trl_fused_head_returns_completion_log_probs():
 
 def test_accelerate_utilities_we_use():
     from accelerate import PartialState
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, gather_object
+    from accelerate.utils import ProjectConfiguration, gather_object
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
 
-    # pretraining/trainer.py: gloo for DeepSpeed on the CPU, run folder as project and logging dir.
-    assert InitProcessGroupKwargs(backend="gloo").backend == "gloo"
+    # pretraining/build.py: the run folder as project and logging dir.
     assert {"project_dir", "logging_dir"} <= set(ProjectConfiguration.__dataclass_fields__)
-    # trainers/: PartialState(cpu=True) or PartialState(backend="gloo") (through **kwargs) before TRL builds its own.
+    # runtime.init_cpu_process_group: PartialState(cpu=True) or PartialState(backend="gloo") (through **kwargs) before
+    # an Accelerator or TRL's config builds its own.
     assert "cpu" in parameters(PartialState.__init__)
     assert inspect.signature(PartialState.__init__).parameters["kwargs"].kind is inspect.Parameter.VAR_KEYWORD
-    # sampling/qrpo_data: one process gathers the objects of all (identity on one process).
+    # runtime.cpu_thread_count: `accelerate launch` hands its processes OMP_NUM_THREADS (1 unless told otherwise) and
+    # ACCELERATE_DYNAMO_BACKEND, which is how a process knows the launcher chose its thread count.
+    launcher_source = inspect.getsource(prepare_simple_launcher_cmd_env)
+    assert 'current_env["OMP_NUM_THREADS"]' in launcher_source
+    assert 'current_env["ACCELERATE_DYNAMO_BACKEND"]' in launcher_source
+    # preference/sampling and scoring: one process gathers the objects of all (identity on one process).
     assert gather_object([("index", 1)]) == [("index", 1)]
+
+
+def test_trls_model_card_draft_is_recognised_and_replaced():
+    from trl.trainer.utils import generate_model_card
+
+    from apertus_hf.hub import readme_author
+
+    # hub/card.py replaces the README.md that TRL's trainers write on save; a change to TRL's card would otherwise
+    # publish it in place of ours.
+    draft = generate_model_card(
+        base_model="org/base",
+        model_name="tiny",
+        hub_model_id="org/tiny",
+        dataset_name=None,
+        tags=["trl", "sft"],
+        wandb_url=None,
+        trackio_url=None,
+        trainer_name="SFT",
+    )
+    assert readme_author(str(draft)) == "trainer"

@@ -82,6 +82,10 @@ def init_cpu_process_group() -> bool:
     return True
 
 
+# A name ending like a data or weights file is a path, although e.g. "corpus/part.jsonl" is a valid repo id too.
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".gz", ".safetensors", ".bin")
+
+
 class SourceNotFoundError(FileNotFoundError):
     """A model, tokenizer or data source that is neither on this machine nor a Hub id this run may download."""
 
@@ -90,8 +94,8 @@ def resolve_source(value: str, what: str, hint: str = "") -> Path | str:
     """The one rule for "local path or Hub id": a Path when `value` exists here, else `value` as a Hub repo id.
 
     Raises SourceNotFoundError, naming `what` (e.g. "init_from") and `hint`, when `value` reads as a local path that
-    does not exist (it starts with `.`, `/` or `~`, has other than one `/`, or its first component is a folder here,
-    such as outputs/...), or when it is not a valid repo id. A Hub id is not looked up here: offline, the library
+    does not exist (it starts with `.`, `/` or `~`, has other than one `/`, ends like a data file, or its first
+    component is a folder here, such as outputs/...), or when it is not a valid repo id. A Hub id is not looked up here: offline, the library
     still finds it in the local Hub cache.
     """
     expanded = Path(value).expanduser()
@@ -103,6 +107,7 @@ def resolve_source(value: str, what: str, hint: str = "") -> Path | str:
         or value.count("/") != 1
         or any(character in value for character in "*?[")
         or Path(first_component).is_dir()
+        or value.endswith(DATA_FILE_SUFFIXES)
     )
     suffix = f" {hint}" if hint else ""
     if reads_as_path:

@@ -25,15 +25,23 @@ class TrainingFactsError(ValueError):
 
 
 def portable_path(value: str) -> str:
-    """`value` without this machine's absolute paths: relative to the working directory when it lies below it,
-    else `<local>/<name>`. Relative paths and Hub ids are returned unchanged."""
-    if not os.path.isabs(os.path.expanduser(value)):
-        return value
-    absolute = Path(os.path.expanduser(value)).resolve()
-    try:
-        return str(absolute.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return f"<local>/{absolute.name}"
+    """`value` without this machine's absolute paths, and never mistakable for a Hub id.
+
+    A path below the working directory becomes `./<relative path>`, another absolute path `<local>/<name>`; an
+    existing relative path gets a leading `./` (so `data/corpus` does not read as the Hub id data/corpus once the
+    facts are read elsewhere). Hub ids and names that are not paths here are returned unchanged.
+    """
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        absolute = Path(expanded).resolve()
+        try:
+            relative = absolute.relative_to(Path.cwd().resolve()).as_posix()
+            return "." if relative == "." else f"./{relative}"
+        except ValueError:
+            return f"<local>/{absolute.name}"
+    if os.path.exists(expanded) and not value.startswith("."):
+        return f"./{value}"
+    return value
 
 
 @dataclass

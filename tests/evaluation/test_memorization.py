@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
-from apertus_hf.evaluation.memorization import build_passages, evaluate_memorization, matching_prefix_lengths
+from apertus_hf.evaluation import load_metric
+from apertus_hf.evaluation.memorization import build_passages, evaluate_memorization
 from tests.pretraining.conftest import SHIPPED_TOKENIZER
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -22,11 +22,12 @@ SUFFIX_TOKENS = 40
 
 
 def test_matching_prefix_counts_tokens_before_the_first_mismatch():
-    expected = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
-    generated = torch.tensor([[1, 2, 3, 4], [1, 2, 9, 4], [9, 2, 3, 4], [1, 2, 3, -1]])
-    assert matching_prefix_lengths(generated, expected).tolist() == [4, 2, 0, 3]
+    metric = load_metric("memorization_exact_match", keep_in_memory=True)
+    expected = [[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]]
+    generated = [[1, 2, 3, 4], [1, 2, 9, 4], [9, 2, 3, 4], [1, 2, 3, -1]]
+    assert metric.compute(predictions=generated, references=expected)["prefix_match_per_passage"] == [4, 2, 0, 3]
     with pytest.raises(ValueError, match="differ in shape"):
-        matching_prefix_lengths(generated[:, :3], expected)
+        metric.compute(predictions=[row[:3] for row in generated], references=expected)
 
 
 def test_passages_are_bos_and_prefix_then_suffix_and_short_documents_are_counted():
@@ -88,5 +89,5 @@ def test_audit_shows_memorization_without_goldfish_and_little_with_it(
 def test_audit_names_a_missing_model_folder(tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps({"text": "hello"}) + "\n")
-    with pytest.raises(FileNotFoundError, match=r"Model folder .*no_model does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"model='.*no_model': no such file or folder"):
         evaluate_memorization(tmp_path / "no_model", [train], [train])

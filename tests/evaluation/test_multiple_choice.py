@@ -14,7 +14,6 @@ from apertus_hf.evaluation.multiple_choice import (
     MultipleChoiceItem,
     TaskFormatError,
     accuracy_metrics,
-    choice_predictions,
     encode_context_continuation,
     evaluate_multiple_choice,
     read_task,
@@ -24,6 +23,12 @@ from apertus_hf.evaluation.multiple_choice import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_TASK = REPO_ROOT / "eval" / "tasks" / "apertus_toy_mc" / "apertus_toy_mc.jsonl"
 METRICS = ("acc", "acc_norm", "acc_bytes")
+
+
+def choice_predictions(loglikelihoods: list[float], choices: list[str]) -> dict[str, int]:
+    """The choice each normalisation picks for one item, by the shipped metric."""
+    item = MultipleChoiceItem("", tuple(choices), 0)
+    return {name: picks[0] for name, picks in accuracy_metrics([item], [loglikelihoods])["predictions"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -87,28 +92,27 @@ def taught_model(tokenizer):
 
 def test_model_taught_the_answers_scores_one_and_zero_with_moved_labels(taught_model, tokenizer):
     model, items = taught_model
-    scores = score_items(model, tokenizer, items, batch_size=5, progress=False)
-    metrics, stderr = accuracy_metrics(items, scores)
-    assert metrics == {name: 1.0 for name in METRICS}
-    assert stderr == {name: 0.0 for name in METRICS}
+    accuracy = accuracy_metrics(items, score_items(model, tokenizer, items, batch_size=5, progress=False))
+    assert {name: accuracy[name] for name in METRICS} == {name: 1.0 for name in METRICS}
+    assert {name: accuracy[f"{name}_stderr"] for name in METRICS} == {name: 0.0 for name in METRICS}
 
     # The same questions with the label moved to a wrong choice: the model still picks the taught answer.
     moved = [replace(item, gold=(item.gold + 1) % len(item.choices)) for item in items]
-    moved_metrics, _ = accuracy_metrics(moved, score_items(model, tokenizer, moved, batch_size=5, progress=False))
-    assert moved_metrics == {name: 0.0 for name in METRICS}
+    moved_accuracy = accuracy_metrics(moved, score_items(model, tokenizer, moved, batch_size=5, progress=False))
+    assert {name: moved_accuracy[name] for name in METRICS} == {name: 0.0 for name in METRICS}
 
 
 def test_scores_do_not_depend_on_batching(taught_model, tokenizer):
     model, items = taught_model
-    one_by_one = score_items(model, tokenizer, items, batch_size=1, progress=False).loglikelihoods
-    batched = score_items(model, tokenizer, items, batch_size=16, progress=False).loglikelihoods
+    one_by_one = score_items(model, tokenizer, items, batch_size=1, progress=False)
+    batched = score_items(model, tokenizer, items, batch_size=16, progress=False)
     assert torch.allclose(torch.tensor(one_by_one), torch.tensor(batched), atol=1e-4)
 
 
 def test_continuation_score_is_the_sum_of_its_token_log_probs(taught_model, tokenizer):
     model, items = taught_model
     item = items[0]
-    scores = score_items(model, tokenizer, [item], progress=False).loglikelihoods[0]
+    scores = score_items(model, tokenizer, [item], progress=False)[0]
     for choice, score in zip(item.choices, scores, strict=True):
         context_ids, continuation_ids = encode_context_continuation(tokenizer, item.context, " " + choice)
         ids = torch.tensor([context_ids + continuation_ids])

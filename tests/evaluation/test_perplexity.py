@@ -169,7 +169,7 @@ def test_missing_data_file_is_named(tiny_model_dir, tmp_path):
 
 def test_missing_model_folder_is_named(tmp_path):
     data = _write_jsonl(tmp_path / "data.jsonl", [{"text": "hello"}])
-    with pytest.raises(FileNotFoundError, match=r"Model folder .*no_model does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"model='.*no_model': no such file or folder"):
         evaluate_perplexity(tmp_path / "no_model", [data])
 
 

@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from apertus_hf.pretraining import read_metrics
+from apertus_hf.training_facts import TrainingFacts
 from tests.pretraining.conftest import REPO_ROOT
 
 
@@ -35,3 +36,7 @@ def test_make_pretrain_runs_the_embedded_default(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(output_dir / "model")
     assert model.config.vocab_size == 8192
     assert (output_dir / "model" / "tokenizer.json").is_file()
+    # The recipe wrote the model card, from the facts the run recorded (tokens over all processes, rows of 256).
+    facts = TrainingFacts.load(output_dir / "model")
+    assert (facts.tokens_seen, facts.context_length, facts.steps) == (12 * 16 * 256, 256, 12)
+    assert (output_dir / "model" / "README.md").read_text().startswith("---\n")

@@ -1,5 +1,6 @@
 """The pretraining loop end to end on tiny runs: learning, export, resume, interruption, corrupt checkpoints."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from transformers import AutoTokenizer
 
 from apertus_hf.pretraining import PretrainConfig, complete_checkpoints, pretrain, read_metrics
 from apertus_hf.recipe_args import parse_recipe_args
+from apertus_hf.training_facts import portable_path
 from tests.pretraining.conftest import SHIPPED_TOKENIZER, run_recipe, tiny_run, write_recipe
 
 
@@ -100,9 +102,14 @@ def test_training_learns_and_exports_a_model_that_stock_transformers_loads(tmp_p
     model_dir = result.model_dir
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
         assert (model_dir / name).is_file(), name
-    # The recipe travels with the model and reproduces the run's options.
+    # The recipe travels with the model and reproduces the run's options, its paths without this machine's folders.
     saved = parse_recipe_args(PretrainConfig, ["--config", str(model_dir / "pretrain_config.yaml")])
-    assert saved == config
+    portable = {
+        "output_dir": portable_path(config.output_dir),
+        "tokenizer": portable_path(config.tokenizer),
+        "data": [{"path": portable_path(source["path"])} for source in config.data],
+    }
+    assert saved == dataclasses.replace(config, **portable)
     generation_config = json.loads((model_dir / "generation_config.json").read_text())
     assert (generation_config["bos_token_id"], generation_config["eos_token_id"]) == (1, 2)
     # Stock transformers, without apertus_hf imported, loads the folder and generates.

@@ -10,11 +10,10 @@ import yaml
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from apertus_hf.recipe_args import recipe_config_from_dict
-from apertus_hf.trainers.dpo import RECIPE_FILE_NAME, DPORecipeConfig, run_dpo
-from apertus_hf.trainers.qrpo import UNPAIRED_COLUMNS
-from apertus_hf.trainers.qrpo_data import QRPOPrepareConfig, prepare_qrpo_dataset
+from apertus_hf.preference import UNPAIRED_COLUMNS, QRPOPrepareConfig, prepare_qrpo_dataset
+from apertus_hf.trainers.dpo import DPO_CITATION, DPO_RECIPE, RECIPE_FILE_NAME, run_dpo
 from apertus_hf.trainers.recipe import PostTrainingRecipeError
+from apertus_hf.training_facts import TrainingFacts
 from tests.trainers.tiny_policy import CHAT_ROWS, save_policy, stopping_policy, write_jsonl
 
 # CHAT_ROWS and 30 sums with a sentence for an answer: long enough that the random policy's samples are rarely all
@@ -53,7 +52,8 @@ def pairs_dir(tmp_path_factory, policy_dir) -> Path:
     return prepare_qrpo_dataset(config).output_dir
 
 
-def dpo_recipe(tmp_path: Path, policy_dir: Path, dataset: Path, **overrides) -> DPORecipeConfig:
+def dpo_recipe(tmp_path: Path, policy_dir: Path, dataset: Path, **overrides):
+    """(DPOArguments, DPOConfig) of a short run."""
     values = dict(
         model_name_or_path=str(policy_dir),
         dataset=str(dataset),
@@ -61,12 +61,13 @@ def dpo_recipe(tmp_path: Path, policy_dir: Path, dataset: Path, **overrides) -> 
         max_steps=6,
         logging_steps=1,
         learning_rate=1e-3,
-        warmup_ratio=0.0,
+        warmup_steps=0.0,
         per_device_train_batch_size=64,  # every pair in every step: the margin is measured on the same batch
         save_steps=100,
-        trainer_args={"use_cpu": True, "disable_tqdm": True},
+        use_cpu=True,
+        disable_tqdm=True,
     )
-    return DPORecipeConfig(**{**values, **overrides})
+    return DPO_RECIPE.configs({**values, **overrides})
 
 
 def logged_margins(result) -> list[float]:
@@ -103,7 +104,7 @@ def assert_pairs_learned(result, policy_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_dpo_widens_the_chosen_over_rejected_margin_and_saves_an_instruct_model(tmp_path, policy_dir, pairs_dir):
-    result = run_dpo(dpo_recipe(tmp_path, policy_dir, pairs_dir))
+    result = run_dpo(*dpo_recipe(tmp_path, policy_dir, pairs_dir))
     margins = logged_margins(result)
     # beta * (chosen log-ratio - rejected log-ratio): 0 while the policy is the reference, then growing.
     assert margins[0] == pytest.approx(0.0, abs=1e-6)
@@ -117,12 +118,16 @@ def test_dpo_widens_the_chosen_over_rejected_margin_and_saves_an_instruct_model(
     assert not torch.equal(model.lm_head.weight, initial.lm_head.weight)
     assert GenerationConfig.from_pretrained(result.model_dir).eos_token_id == [2, 68, 72]
     assert (result.output_dir / RECIPE_FILE_NAME).is_file()
+    facts = TrainingFacts.load(result.model_dir)
+    assert (facts.stage, facts.steps, facts.context_length, facts.citations) == ("dpo", 6, 256, [DPO_CITATION])
+    assert "Rafailov" in DPO_CITATION
+    assert facts.hyperparameters["DPO"] == "beta 0.1, loss sigmoid; reference: the starting model"
 
 
 @pytest.mark.slow
 def test_dpo_with_lora_trains_an_adapter(tmp_path, policy_dir, pairs_dir):
     result = run_dpo(
-        dpo_recipe(tmp_path, policy_dir, pairs_dir, use_lora=True, lora_r=4, learning_rate=1e-2, merge_lora=True)
+        *dpo_recipe(tmp_path, policy_dir, pairs_dir, use_lora=True, lora_r=4, learning_rate=1e-2, merge_lora=True)
     )
     margins = logged_margins(result)
     assert margins[0] == pytest.approx(0.0, abs=1e-6)
@@ -143,9 +148,14 @@ def test_dpo_refuses_unpaired_data_and_says_how_to_get_pairs(tmp_path, policy_di
     row = dict(zip(UNPAIRED_COLUMNS, ("Hi", " there", 0.5, [0.1, 0.5, 0.9]), strict=True))
     Dataset.from_list([row] * 4).save_to_disk(str(tmp_path / "unpaired"))
     with pytest.raises(PostTrainingRecipeError, match=r"unpaired QRPO dataset.*--selection pairs"):
-        run_dpo(dpo_recipe(tmp_path, policy_dir, tmp_path / "unpaired"))
+        run_dpo(*dpo_recipe(tmp_path, policy_dir, tmp_path / "unpaired"))
 
 
 def test_tiny_recipe_writes_out_the_defaults():
     path = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "tiny" / "dpo.yaml"
-    assert recipe_config_from_dict(DPORecipeConfig, yaml.safe_load(path.read_text())) == DPORecipeConfig()
+    assert DPO_RECIPE.configs(yaml.safe_load(path.read_text())) == DPO_RECIPE.configs()
+
+
+def test_beta_must_be_positive(tmp_path, policy_dir):
+    with pytest.raises(PostTrainingRecipeError, match=r"beta must be > 0, got 0\.0"):
+        run_dpo(*dpo_recipe(tmp_path, policy_dir, tmp_path, beta=0.0))

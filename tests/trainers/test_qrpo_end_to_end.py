@@ -2,7 +2,7 @@
 
 The reference policy is a tiny model pretrained here for a few seconds on the shipped corpus, so it writes
 corpus-like text. The programmatic reward is the share of a completion's characters that are "e"
-(`apertus_hf.trainers.rewards.substring_frequency`). After QRPO, completions sampled from the policy must score
+(`apertus_hf.preference.rewards.substring_frequency`). After QRPO, completions sampled from the policy must score
 higher than the reference policy's by more than 3 standard errors of the per-prompt difference (same prompts, same
 seeds), while the text stays well-formed: the reference model still finds it about as likely as its own samples, and
 it is not degenerate.
@@ -16,11 +16,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from apertus_hf.preference import QRPOPrepareConfig, generate_completions, prepare_qrpo_dataset
+from apertus_hf.preference.rewards import substring_frequency
 from apertus_hf.pretraining import PretrainConfig, pretrain
-from apertus_hf.trainers.qrpo_data import QRPOPrepareConfig, prepare_qrpo_dataset
-from apertus_hf.trainers.qrpo_recipe import QRPORecipeConfig, run_qrpo
-from apertus_hf.trainers.rewards import substring_frequency
-from apertus_hf.trainers.sampling import generate_completions
+from apertus_hf.trainers.qrpo_recipe import QRPO_RECIPE, run_qrpo
 from tests.pretraining.conftest import TINY_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +118,7 @@ def test_qrpo_raises_the_reward_and_keeps_the_text_well_formed(tmp_path, referen
             model_name_or_path=str(reference_policy),
             num_samples=8,
             max_new_tokens=MAX_NEW_TOKENS,
-            reward_function="apertus_hf.trainers.rewards:substring_frequency",
+            reward_function="apertus_hf.preference.rewards:substring_frequency",
             reward_kwargs={"substring": "e"},
             selection="all",
             output_dir=str(tmp_path / "qrpo_data"),
@@ -128,22 +127,24 @@ def test_qrpo_raises_the_reward_and_keeps_the_text_well_formed(tmp_path, referen
     assert prepared.stats["rows"] == prepared.stats["prompts"] * 8
 
     result = run_qrpo(
-        QRPORecipeConfig(
-            output_dir=str(tmp_path / "qrpo"),
-            model_name_or_path=str(reference_policy),
-            dataset=str(prepared.output_dir),
-            learning_rate=1e-2,
-            num_train_epochs=4.0,
-            per_device_train_batch_size=32,
-            warmup_ratio=0.0,
-            use_lora=use_lora,
-            lora_r=16,
-            lora_alpha=32,
-            # The reward is about which tokens come out, so the LM head needs its adapter too.
-            lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"],
-            logging_steps=4,
-            save_steps=10_000,
-            resume=False,
+        *QRPO_RECIPE.configs(
+            {
+                "output_dir": str(tmp_path / "qrpo"),
+                "model_name_or_path": str(reference_policy),
+                "dataset": str(prepared.output_dir),
+                "learning_rate": 1e-2,
+                "num_train_epochs": 4.0,
+                "per_device_train_batch_size": 32,
+                "warmup_steps": 0,
+                "use_lora": use_lora,
+                "lora_r": 16,
+                "lora_alpha": 32,
+                # The reward is about which tokens come out, so the LM head needs its adapter too.
+                "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"],
+                "logging_steps": 4,
+                "save_steps": 10_000,
+                "resume": False,
+            }
         )
     )
 

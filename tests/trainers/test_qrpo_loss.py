@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from apertus_hf.preference import quantile_rewards
 from apertus_hf.trainers import qrpo_loss
-from apertus_hf.trainers.qrpo import beta_log_partition, quantile_rewards, transform_quantile_reward
+from apertus_hf.trainers.qrpo import beta_log_partition, transform_quantile_reward
 
 
 def spec_loss(logp, ref_logp, reward, ref_rewards, beta, transform, length=None, length_normalize=False, cap=0.1):

@@ -3,6 +3,7 @@
 with clear errors."""
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apertus_hf import ApertusConfig, ApertusForCausalLM
-from apertus_hf.recipe_args import parse_recipe_args
-from apertus_hf.trainers import PostTrainingRecipeError, QRPODatasetError
-from apertus_hf.trainers.qrpo_recipe import RECIPE_FILE_NAME, QRPORecipeConfig, run_qrpo
+from apertus_hf.runtime import SourceNotFoundError
+from apertus_hf.trainers import QRPODatasetError
+from apertus_hf.trainers.qrpo import QRPO_CITATION
+from apertus_hf.trainers.qrpo_recipe import QRPO_RECIPE, RECIPE_FILE_NAME, QRPOArguments, run_qrpo
+from apertus_hf.training_facts import TrainingFacts
 from tests.pretraining.conftest import SHIPPED_TOKENIZER, TINY_MODEL
 from tests.trainers.conftest import launch_recipe
 
@@ -46,39 +49,52 @@ def policy_and_data(tmp_path_factory) -> tuple[Path, Path]:
     return folder / "policy", folder / "data"
 
 
+def qrpo_configs(**values):
+    return QRPO_RECIPE.configs({"disable_tqdm": True, **values})
+
+
 def test_the_tiny_recipe_is_the_embedded_default():
     written = yaml.safe_load((REPO_ROOT / "recipes" / "configs" / "tiny" / "qrpo.yaml").read_text())
-    assert written == dataclasses.asdict(QRPORecipeConfig())
-    assert all(field.metadata.get("help") for field in dataclasses.fields(QRPORecipeConfig))
+    assert QRPO_RECIPE.configs(written) == QRPO_RECIPE.configs()
+    # Every option of ours and every TRL option the recipe sets is written out.
+    assert set(written) == {field.name for field in dataclasses.fields(QRPOArguments)} | set(
+        QRPO_RECIPE.config_defaults
+    )
+    assert all(field.metadata.get("help") for field in dataclasses.fields(QRPOArguments))
 
 
 @pytest.mark.parametrize(("size", "learning_rate"), [("8b", 5e-7), ("70b", 1e-7)])
 def test_the_apertus_recipes_carry_the_spec_values(size, learning_rate):
-    recipe = parse_recipe_args(QRPORecipeConfig, ["--config", str(REPO_ROOT / "recipes/configs" / size / "qrpo.yaml")])
-    assert (recipe.beta, recipe.transform, recipe.length_normalize, recipe.max_normalized_beta) == (
-        5.0,
-        "identity",
-        True,
-        0.1,
+    # bf16 needs a GPU, or use_cpu to be valid on this machine.
+    recipe, args = QRPO_RECIPE.parse(
+        ["--config", str(REPO_ROOT / "recipes/configs" / size / "qrpo.yaml"), "--use_cpu=true"]
     )
-    assert recipe.learning_rate == learning_rate
+    assert (args.beta, args.transform, args.length_normalize, args.max_normalized_beta) == (5.0, "identity", True, 0.1)
+    assert args.learning_rate == learning_rate
     assert recipe.ref_model_name_or_path is None  # the reference is the initial policy, log-probs precomputed
-    assert recipe.bf16 and recipe.activation_checkpointing
+    assert args.bf16 and args.activation_checkpointing
 
 
 def test_run_saves_a_plain_model_with_the_chat_generation_config(tmp_path, policy_and_data):
     policy, data = policy_and_data
     result = run_qrpo(
-        QRPORecipeConfig(
+        *qrpo_configs(
             output_dir=str(tmp_path / "run"), model_name_or_path=str(policy), dataset=str(data), max_steps=3,
             per_device_train_batch_size=4, eval_fraction=0.25, logging_steps=1, learning_rate=1e-3,
-            trainer_args={"disable_tqdm": True},
         )
     )  # fmt: skip
     assert result.model_dir == tmp_path / "run"
     assert {"eval_loss", "eval_quantile_reward", "train_loss"} <= set(result.metrics)
     saved = yaml.safe_load((result.model_dir / RECIPE_FILE_NAME).read_text())
-    assert saved["dataset"] == str(data) and saved["max_steps"] == 3
+    assert saved["dataset"] == "<local>/data" and saved["max_steps"] == 3  # no absolute local paths
+    assert QRPO_RECIPE.parse(["--config", str(result.model_dir / RECIPE_FILE_NAME)])[1].max_steps == 3
+    facts = TrainingFacts.load(result.model_dir)
+    assert (facts.stage, facts.steps, facts.context_length, facts.datasets) == ("qrpo", 3, 1024, ["<local>/data"])
+    assert facts.eval_results == {"loss": result.metrics["eval_loss"]}
+    assert facts.citations == [QRPO_CITATION] and facts.tags == ["qrpo"]
+    assert (
+        facts.hyperparameters["QRPO"] == "beta 5 divided by the completion length (capped at 0.1), transform identity"
+    )
     generation = json.loads((result.model_dir / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [2, 68, 72]
     assert json.loads((result.model_dir / "config.json").read_text())["eos_token_id"] == 68  # <|assistant_end|>
@@ -90,14 +106,20 @@ def test_run_saves_a_plain_model_with_the_chat_generation_config(tmp_path, polic
 def test_lora_run_saves_the_adapter_and_a_merged_model(tmp_path, policy_and_data):
     policy, data = policy_and_data
     result = run_qrpo(
-        QRPORecipeConfig(
+        *qrpo_configs(
             output_dir=str(tmp_path / "run"), model_name_or_path=str(policy), dataset=str(data), max_steps=2,
             per_device_train_batch_size=4, eval_fraction=0.0, use_lora=True, lora_r=4, learning_rate=1e-2,
-            trainer_args={"disable_tqdm": True},
         )
     )  # fmt: skip
     assert (tmp_path / "run" / "adapter_config.json").is_file()
     assert result.model_dir == tmp_path / "run" / "merged"
+    # Both folders carry their facts and the recipe; only the adapter folder is an adapter.
+    adapter_facts, merged_facts = TrainingFacts.load(tmp_path / "run"), TrainingFacts.load(result.model_dir)
+    assert (adapter_facts.adapter, merged_facts.adapter) == (True, False)
+    assert adapter_facts.tags == merged_facts.tags == ["qrpo", "lora"]
+    assert merged_facts.hyperparameters["LoRA"] == "r 4, alpha 32, dropout 0, on all-linear"
+    assert merged_facts.eval_results == {}  # no evaluation data
+    assert (result.model_dir / RECIPE_FILE_NAME).read_text() == (tmp_path / "run" / RECIPE_FILE_NAME).read_text()
     merged = AutoModelForCausalLM.from_pretrained(result.model_dir)
     assert not torch.equal(
         merged.model.layers[0].self_attn.q_proj.weight,
@@ -110,8 +132,7 @@ def test_recipe_script_runs_under_accelerate_launch(tmp_path, policy_and_data):
     policy, data = policy_and_data
     arguments = [
         "--model_name_or_path", str(policy), "--dataset", str(data), "--output_dir", str(tmp_path / "run"),
-        "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_fraction", "0",
-        "--trainer_args", "{disable_tqdm: true}",
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_fraction", "0", "--disable_tqdm", "true",
     ]  # fmt: skip
     completed = launch_recipe("qrpo.py", arguments)
     assert f"Done: model in {tmp_path / 'run'}" in completed.stdout
@@ -124,7 +145,7 @@ def test_two_processes_train_like_one(tmp_path, policy_and_data):
     policy, data = policy_and_data
     arguments = [
         "--model_name_or_path", str(policy), "--dataset", str(data), "--max_steps", "3", "--eval_fraction", "0",
-        "--learning_rate", "1e-2", "--warmup_ratio", "0", "--trainer_args", "{disable_tqdm: true}",
+        "--learning_rate", "1e-2", "--warmup_steps", "0", "--disable_tqdm", "true",
     ]  # fmt: skip
     plain = ("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
     cpu = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
@@ -143,52 +164,56 @@ def test_two_processes_train_like_one(tmp_path, policy_and_data):
 
 def test_bad_options_and_data_are_named(tmp_path, policy_and_data):
     policy, data = policy_and_data
-    with pytest.raises(PostTrainingRecipeError, match="transform must be one of"):
-        QRPORecipeConfig(transform="squared")
-    with pytest.raises(PostTrainingRecipeError, match=r"Dataset .* does not exist"):
+    with pytest.raises(ValueError, match="transform must be one of"):
+        qrpo_configs(transform="squared")
+    with pytest.raises(SourceNotFoundError, match=r"dataset=.*missing': no such file or folder"):
         run_qrpo(
-            QRPORecipeConfig(
-                model_name_or_path=str(policy), dataset=str(tmp_path / "missing"), output_dir=str(tmp_path)
-            )
+            *qrpo_configs(model_name_or_path=str(policy), dataset=str(tmp_path / "missing"), output_dir=str(tmp_path))
         )
-    with pytest.raises(PostTrainingRecipeError, match=r"Model folder .* does not exist"):
+    with pytest.raises(SourceNotFoundError, match=r"model_name_or_path=.*no_model': no such file or folder"):
         run_qrpo(
-            QRPORecipeConfig(model_name_or_path=str(tmp_path / "no_model"), dataset=str(data), output_dir=str(tmp_path))
+            *qrpo_configs(model_name_or_path=str(tmp_path / "no_model"), dataset=str(data), output_dir=str(tmp_path))
         )
     unpaired = tmp_path / "unpaired.jsonl"
     unpaired.write_text(json.dumps({"prompt": "Hi", "completion": "there", "reward": 1.0}) + "\n")
     with pytest.raises(QRPODatasetError, match=r"misses the columns \['ref_rewards'\]"):
         run_qrpo(
-            QRPORecipeConfig(
+            *qrpo_configs(
                 model_name_or_path=str(policy), dataset=str(unpaired), output_dir=str(tmp_path / "r"), eval_fraction=0.0
             )
         )
 
 
-def test_hub_model_id_pushes_the_model_and_its_card(tmp_path, policy_and_data):
-    """With hub_model_id the trained model, tokenizer, generation config and QRPO card land in the Hub repo (a
-    Hub-compatible server on 127.0.0.1)."""
+def test_hub_model_id_publishes_the_model_with_our_card(tmp_path, policy_and_data, monkeypatch):
+    """With hub_model_id, recipes/qrpo.py publishes the trained model, tokenizer, generation config, training facts
+    and apertus_hf's card (not TRL's) to the Hub repo (a Hub-compatible server on 127.0.0.1); the trainer itself never
+    pushes."""
     import huggingface_hub
 
+    from apertus_hf.hub import CARD_MARKER
     from tests.hub_server import start_fake_hub
 
     policy, data = policy_and_data
+    script = importlib.util.spec_from_file_location("qrpo_script", REPO_ROOT / "recipes" / "qrpo.py")
+    qrpo_script = importlib.util.module_from_spec(script)
+    script.loader.exec_module(qrpo_script)
     hub, server = start_fake_hub(tmp_path / "hub")
     try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # tests run with HF_HUB_OFFLINE=1
-            patch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
-            patch.setenv("HF_ENDPOINT", hub.url)
-            run_qrpo(
-                QRPORecipeConfig(
-                    output_dir=str(tmp_path / "run"), model_name_or_path=str(policy), dataset=str(data), max_steps=2,
-                    per_device_train_batch_size=4, eval_fraction=0.0, hub_model_id="org/qrpo-tiny",
-                    trainer_args={"disable_tqdm": True, "hub_token": "test-token", "save_strategy": "no"},
-                )
-            )  # fmt: skip
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # tests run with HF_HUB_OFFLINE=1
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        qrpo_script.main([
+            "--output_dir", str(tmp_path / "run"), "--model_name_or_path", str(policy), "--dataset", str(data),
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_fraction", "0.25",
+            "--hub_model_id", "org/qrpo-tiny", "--hub_token", "test-token", "--save_strategy", "no",
+            "--license", "apache-2.0", "--disable_tqdm", "true",
+        ])  # fmt: skip
         files = hub.repo_files("org/qrpo-tiny")
     finally:
         server.shutdown()
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= set(files)
-    assert b"QRPO" in files["README.md"]
+    assert {"training_facts.json", RECIPE_FILE_NAME} <= set(files)
+    card = files["README.md"].decode()
+    assert CARD_MARKER in card and "QRPO" in card and "license: apache-2.0" in card
+    assert str(tmp_path) not in files[RECIPE_FILE_NAME].decode() and b"test-token" not in files[RECIPE_FILE_NAME]
     assert json.loads(files["generation_config.json"])["eos_token_id"] == [2, 68, 72]

@@ -9,7 +9,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apertus_hf import ApertusConfig, ApertusForCausalLM
-from apertus_hf.trainers import QRPOConfig, QRPODatasetError, QRPOTrainer, qrpo_dataset_layout, qrpo_loss
+from apertus_hf.preference import PreferenceLayout, qrpo_dataset_layout
+from apertus_hf.trainers import QRPOConfig, QRPODatasetError, QRPOTrainer, qrpo_loss
 from apertus_hf.trainers.qrpo import DataCollatorForQRPO
 from tests.pretraining.conftest import SHIPPED_TOKENIZER, TINY_MODEL
 
@@ -137,12 +138,69 @@ def test_collator_flattens_pairs_chosen_first():
             "ref_rewards": [0.5],
         },
     ]
-    batch = DataCollatorForQRPO(pad_token_id=3)(rows)
+    batch = DataCollatorForQRPO(pad_token_id=3, layout=PreferenceLayout.PAIRED)(rows)
     assert batch["input_ids"].tolist() == [[1, 5, 6, 7], [1, 9, 3, 3], [1, 5, 8, 3], [1, 10, 11, 12]]
     assert batch["completion_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 1, 1, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
     assert batch["rewards"].tolist() == [1.0, 2.0, 0.0, 1.0]
     assert batch["member"].tolist() == [0, 0, 1, 1]
+
+
+def test_an_eval_dataset_of_another_layout_is_refused(tmp_path, tokenizer):
+    with pytest.raises(QRPODatasetError, match="The eval dataset is unpaired but the train dataset is paired"):
+        QRPOTrainer(
+            tiny_model(),
+            args=config(tmp_path),
+            train_dataset=Dataset.from_list(paired_rows(4)),
+            eval_dataset=Dataset.from_list(unpaired_rows(4)),
+            processing_class=tokenizer,
+        )
+    with pytest.raises(QRPODatasetError, match="The eval pairs dataset is paired but the train dataset is unpaired"):
+        QRPOTrainer(
+            tiny_model(),
+            args=config(tmp_path),
+            train_dataset=Dataset.from_list(unpaired_rows(4)),
+            eval_dataset={"same": Dataset.from_list(unpaired_rows(4)), "pairs": Dataset.from_list(paired_rows(4))},
+            processing_class=tokenizer,
+        )
+
+
+@pytest.mark.parametrize("rows", [paired_rows(4), unpaired_rows(4)], ids=["paired", "unpaired"])
+def test_metrics_regroup_each_member_by_the_layout_the_collator_stacked(tmp_path, tokenizer, rows):
+    """The trainer reads the layout once; the collator stacks every row's first member, then every row's second, and
+    the metrics regroup by the same layout: each member's implied reward beta * (log pi - log pi_ref) is its own."""
+    layout = qrpo_dataset_layout(Dataset.from_list(rows))
+    # Reference log-probs far apart for the two members: a chosen/rejected swap would show.
+    for index, row in enumerate(rows):
+        for member, offset in zip(layout.members, (-40.0, -10.0), strict=False):
+            row["ref_logps" if member == "completion" else f"ref_{member}_logps"] = offset - index
+    dataset = Dataset.from_list(rows)
+    trainer = QRPOTrainer(
+        tiny_model(), args=config(tmp_path), train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer
+    )
+    assert trainer.layout is layout and trainer.data_collator.layout is layout
+
+    metrics = trainer.evaluate()
+    policy = tiny_model()
+    implied = {}
+    for member in layout.members:
+        column = "ref_logps" if member == "completion" else f"ref_{member}_logps"
+        values = [
+            min(5.0 / len(row[f"{member}_ids"]), 0.1)
+            * (sequence_logps(policy, tokenizer, row["prompt_ids"], row[f"{member}_ids"]) - row[column])
+            for row in trainer.eval_dataset
+        ]
+        implied[member] = torch.tensor(values, dtype=torch.float64)
+    everything = torch.cat(list(implied.values()))
+    assert metrics["eval_implied_reward"] == pytest.approx(everything.mean().item(), rel=1e-4)
+    if layout is PreferenceLayout.PAIRED:
+        chosen, rejected = implied["chosen"], implied["rejected"]
+        assert metrics["eval_implied_reward/chosen"] == pytest.approx(chosen.mean().item(), rel=1e-4)
+        assert metrics["eval_implied_reward/rejected"] == pytest.approx(rejected.mean().item(), rel=1e-4)
+        assert metrics["eval_implied_reward/margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-4)
+        assert metrics["eval_implied_reward/accuracy"] == (chosen > rejected).double().mean().item()
+    else:
+        assert not any(key.startswith("eval_implied_reward/") for key in metrics)
 
 
 # --- reference log-probs and loss -------------------------------------------------------------------------------------

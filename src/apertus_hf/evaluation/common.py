@@ -11,7 +11,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..runtime import resolve_source
+
 RESULTS_DIR_NAME = "eval_results"
+MODEL_HINT = "Pass a saved model folder or a Hub id to --model."
 
 
 @dataclass
@@ -70,8 +73,10 @@ def resolve_device(device: str | None) -> torch.device:
 def load_model_and_tokenizer(
     model: str | Path, device: str | None = None, dtype: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Any `AutoModelForCausalLM`-loadable folder or Hub id (Apertus or another architecture), in eval mode."""
+    """Any `AutoModelForCausalLM`-loadable folder or Hub id (Apertus or another architecture), in eval mode; a local
+    path that does not exist raises `SourceNotFoundError` (a FileNotFoundError) naming it."""
+    source = resolve_source(str(model), "model", MODEL_HINT)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(resolve_device(device)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(resolve_device(device)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
     return loaded, tokenizer

@@ -12,7 +12,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from .common import EvalResult, resolve_device
+from ..runtime import resolve_source
+from .common import MODEL_HINT, EvalResult, resolve_device
 
 STDERR_SUFFIX = "_stderr"
 NO_FILTER = "none"
@@ -93,6 +94,7 @@ def run_lm_eval(
         ) from error
     if not tasks:
         raise ValueError("No task given; name at least one lm-eval task, e.g. apertus_toy_mc or arc_easy.")
+    source = resolve_source(str(model), "model", MODEL_HINT)
     if include_path is None or isinstance(include_path, str | Path):
         include_paths = [] if include_path is None else [include_path]
     else:
@@ -112,7 +114,7 @@ def run_lm_eval(
     device_name = str(resolve_device(device))
     output = lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(model), "dtype": dtype},
+        model_args={"pretrained": str(source), "dtype": dtype},
         tasks=list(tasks),
         num_fewshot=num_fewshot,
         batch_size=batch_size,

@@ -10,7 +10,8 @@ greedily decodes `suffix_tokens` tokens. Per passage: an exact match when all of
 `suffix_tokens` tokens, and the matching-prefix length, the number of tokens generated before the first mismatch.
 
 Metrics, for the training and the held-out passages: `exact_match_*` (the rate of exact matches) and
-`prefix_match_*` (the mean matching-prefix length in tokens), and their `*_difference` = train - heldout. Without
+`prefix_match_*` (the mean matching-prefix length in tokens), computed by the shipped `evaluate` module
+`memorization_exact_match` (`apertus_hf.evaluation.load_metric`), and their `*_difference` = train - heldout. Without
 Goldfish a model that saw its training passages many times extracts far more of them than of held-out text; the
 Goldfish loss should bring the difference near zero.
 """
@@ -18,15 +19,18 @@ Goldfish loss should bring the difference near zero.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data import DataSource, load_documents
-from .common import EvalResult, default_result_path, load_model_and_tokenizer
+from ..runtime import resolve_source
+from .common import MODEL_HINT, EvalResult, default_result_path, load_model_and_tokenizer
+from .metrics import load_metric
 
 
 @dataclass
@@ -37,22 +41,6 @@ class Passages:
     prompts: torch.Tensor
     continuations: torch.Tensor
     too_short: int = 0
-
-
-@dataclass
-class ExtractionResult:
-    """Per passage: whether the greedy continuation matched exactly, and its matching-prefix length."""
-
-    exact_match: list[bool] = field(default_factory=list)
-    prefix_match: list[int] = field(default_factory=list)
-
-    @property
-    def exact_match_rate(self) -> float:
-        return sum(self.exact_match) / len(self.exact_match)
-
-    @property
-    def mean_prefix_match(self) -> float:
-        return sum(self.prefix_match) / len(self.prefix_match)
 
 
 def build_passages(
@@ -86,14 +74,6 @@ def build_passages(
     return Passages(ids[:, : 1 + prefix_tokens], ids[:, 1 + prefix_tokens :], too_short)
 
 
-def matching_prefix_lengths(generated: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    """Per row, the number of leading positions where `generated` equals `expected` (both `[n, length]`)."""
-    if generated.shape != expected.shape:
-        raise ValueError(f"generated {tuple(generated.shape)} and expected {tuple(expected.shape)} differ in shape.")
-    # cumprod of the matches stays 1 up to the first mismatch and is 0 from there on.
-    return (generated == expected).long().cumprod(dim=1).sum(dim=1)
-
-
 @torch.no_grad()
 def greedy_continuations(
     model: PreTrainedModel, prompts: torch.Tensor, new_tokens: int, batch_size: int = 16, pad_token_id: int = 0
@@ -118,15 +98,13 @@ def greedy_continuations(
     return outputs
 
 
-def extract(
-    model: PreTrainedModel, passages: Passages, batch_size: int = 16, pad_token_id: int = 0
-) -> ExtractionResult:
-    """Greedy extraction of each passage's continuation from its prompt."""
+def extract(model: PreTrainedModel, passages: Passages, batch_size: int = 16, pad_token_id: int = 0) -> dict[str, Any]:
+    """Greedy extraction of each passage's continuation from its prompt, scored by the `memorization_exact_match`
+    metric: `exact_match`, `prefix_match` and their per-passage values."""
     generated = greedy_continuations(model, passages.prompts, passages.continuations.shape[1], batch_size, pad_token_id)
-    lengths = matching_prefix_lengths(generated, passages.continuations)
-    return ExtractionResult(
-        exact_match=(lengths == passages.continuations.shape[1]).tolist(), prefix_match=lengths.tolist()
-    )
+    # In memory: no cache files under ~/.cache/huggingface/evaluate.
+    metric = load_metric("memorization_exact_match", keep_in_memory=True)
+    return metric.compute(predictions=generated.tolist(), references=passages.continuations.tolist())
 
 
 def _read_texts(paths: Sequence[str | Path], option: str) -> list[str]:
@@ -150,10 +128,9 @@ def evaluate_memorization(
     dtype: str = "auto",
     output: str | Path | None = None,
 ) -> EvalResult:
-    """Audit the model folder `model` on passages of its training data `train` and of unseen data `heldout`; write
-    the EvalResult JSON (default `<model>/eval_results/memorization.json`) and return it."""
-    if not Path(model).is_dir():
-        raise FileNotFoundError(f"Model folder {model} does not exist; pass a saved model folder to --model.")
+    """Audit the model folder (or Hub id) `model` on passages of its training data `train` and of unseen data
+    `heldout`; write the EvalResult JSON (default `<model>/eval_results/memorization.json`) and return it."""
+    resolve_source(str(model), "model", MODEL_HINT)  # a missing model folder fails before the data is read
     if not train or not heldout:
         raise ValueError("The audit needs training (--train) and held-out (--heldout) files; pass both.")
     train_texts, heldout_texts = _read_texts(train, "--train"), _read_texts(heldout, "--heldout")
@@ -164,21 +141,20 @@ def evaluate_memorization(
         passages = build_passages(texts, tokenizer, prefix_tokens, suffix_tokens, max_passages)
         results[name] = extract(loaded, passages, batch_size, pad_token_id)
         details[name] = {
-            "passages": len(results[name].exact_match),
+            "passages": len(results[name]["exact_match_per_passage"]),
             "too_short": passages.too_short,
-            "exact_match": results[name].exact_match_rate,
-            "prefix_match": results[name].mean_prefix_match,
-            "prefix_match_per_passage": results[name].prefix_match,
+            "exact_match": results[name]["exact_match"],
+            "prefix_match": results[name]["prefix_match"],
+            "prefix_match_per_passage": results[name]["prefix_match_per_passage"],
         }
-    train_result, heldout_result = results["train"], results["heldout"]
-    metrics = {
-        "exact_match_train": train_result.exact_match_rate,
-        "exact_match_heldout": heldout_result.exact_match_rate,
-        "exact_match_difference": train_result.exact_match_rate - heldout_result.exact_match_rate,
-        "prefix_match_train": train_result.mean_prefix_match,
-        "prefix_match_heldout": heldout_result.mean_prefix_match,
-        "prefix_match_difference": train_result.mean_prefix_match - heldout_result.mean_prefix_match,
-    }
+    metrics = {}
+    for metric in ("exact_match", "prefix_match"):
+        train_value, heldout_value = results["train"][metric], results["heldout"][metric]
+        metrics |= {
+            f"{metric}_train": train_value,
+            f"{metric}_heldout": heldout_value,
+            f"{metric}_difference": train_value - heldout_value,
+        }
     result = EvalResult(
         evaluation="memorization",
         model=str(model),

@@ -5,7 +5,8 @@ Each record is `{"context": str, "choices": [str, ...], "gold": int}` (an option
 breakdown). A choice's score is the summed log-probability of the tokens of `target_delimiter + choice` after the
 context. `acc` takes the highest score, `acc_norm` the highest score per character of the choice, `acc_bytes` the
 highest score per UTF-8 byte of the choice: lm-eval's three definitions (its `acc_norm` divides by `len(choice)`,
-which counts characters; `acc_bytes` is its byte-normalised variant).
+which counts characters; `acc_bytes` is its byte-normalised variant). The shipped `evaluate` module
+`multiple_choice_accuracy` (`apertus_hf.evaluation.load_metric`) turns the log-likelihoods into them.
 
 lm-eval itself needs a task YAML per dataset and runs the model through its own loader; this module scores any
 local JSONL with an already loaded model, so the same scoring runs inside tests and training jobs. The agreement
@@ -15,19 +16,21 @@ with lm-eval is tested item by item on the task shipped in `eval/tasks/`.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
+from ..data.padding import pad_token_rows
 from .common import EvalResult, load_model_and_tokenizer
+from .metrics import load_metric
 
 TARGET_DELIMITER = " "
 # lm-eval's HFLM falls back to this context length when neither the config nor the tokenizer names one.
@@ -47,14 +50,6 @@ class MultipleChoiceItem:
     choices: tuple[str, ...]
     gold: int
     language: str | None = None
-
-
-@dataclass
-class MultipleChoiceScores:
-    """Per-item log-likelihoods of every choice and the choice each normalisation picks."""
-
-    loglikelihoods: list[list[float]]
-    predictions: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _record_error(path: Path, line_number: int, problem: str) -> TaskFormatError:
@@ -183,10 +178,7 @@ def continuation_loglikelihoods(
                 truncated += len(tokens) > max_length + 1
                 # The last token is only ever a target, never an input.
                 inputs.append(tokens[-(max_length + 1) :][:-1])
-            width = max(len(row) for row in inputs)
-            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, tokens in enumerate(inputs):
-                input_ids[row, : len(tokens)] = torch.tensor(tokens)
+            input_ids, _ = pad_token_rows(inputs, pad_value=0)  # no attention mask, as lm-eval (see above)
             logits = model(input_ids=input_ids.to(device)).logits
             for row, index in enumerate(batch):
                 continuation_ids = encoded[index][1]
@@ -205,22 +197,6 @@ def continuation_loglikelihoods(
     return scores
 
 
-def _argmax(values: Sequence[float]) -> int:
-    # The first of equal maxima, as numpy.argmax picks in lm-eval.
-    return max(range(len(values)), key=values.__getitem__)
-
-
-def choice_predictions(loglikelihoods: Sequence[float], choices: Sequence[str]) -> dict[str, int]:
-    """The choice each normalisation picks: raw, per character (`acc_norm`), per UTF-8 byte (`acc_bytes`)."""
-    return {
-        "acc": _argmax(loglikelihoods),
-        "acc_norm": _argmax([score / len(choice) for score, choice in zip(loglikelihoods, choices, strict=True)]),
-        "acc_bytes": _argmax(
-            [score / len(choice.encode("utf-8")) for score, choice in zip(loglikelihoods, choices, strict=True)]
-        ),
-    }
-
-
 def score_items(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -228,56 +204,40 @@ def score_items(
     batch_size: int = 8,
     target_delimiter: str = TARGET_DELIMITER,
     progress: bool = True,
-) -> MultipleChoiceScores:
-    """Log-likelihood of every choice of every item, and each normalisation's prediction."""
+) -> list[list[float]]:
+    """Per item, the log-likelihood of each of its choices."""
     requests = [(item.context, target_delimiter + choice) for item in items for choice in item.choices]
     flat = continuation_loglikelihoods(model, tokenizer, requests, batch_size=batch_size, progress=progress)
-    scores = MultipleChoiceScores(loglikelihoods=[], predictions={name: [] for name in NORMALISATIONS})
-    position = 0
+    loglikelihoods, position = [], 0
     for item in items:
-        item_scores = flat[position : position + len(item.choices)]
+        loglikelihoods.append(flat[position : position + len(item.choices)])
         position += len(item.choices)
-        scores.loglikelihoods.append(item_scores)
-        for name, prediction in choice_predictions(item_scores, item.choices).items():
-            scores.predictions[name].append(prediction)
-    return scores
+    return loglikelihoods
 
 
-def _mean_and_stderr(values: Sequence[float]) -> tuple[float, float | None]:
-    # lm-eval's `mean_stderr`: sample standard deviation over sqrt(n).
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    variance = sum((value - mean) ** 2 for value in values) / (len(values) - 1)
-    return mean, math.sqrt(variance / len(values))
+def accuracy_metrics(items: Sequence[MultipleChoiceItem], loglikelihoods: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """The `multiple_choice_accuracy` metric of the items: `acc`, `acc_norm`, `acc_bytes`, their standard errors
+    (`acc_stderr`, ...) and, per normalisation, the choice picked for each item (`predictions`)."""
+    # In memory: no cache files under ~/.cache/huggingface/evaluate.
+    metric = load_metric("multiple_choice_accuracy", keep_in_memory=True)
+    return metric.compute(
+        loglikelihoods=[list(scores) for scores in loglikelihoods],
+        choices=[list(item.choices) for item in items],
+        gold=[item.gold for item in items],
+    )
 
 
-def accuracy_metrics(
-    items: Sequence[MultipleChoiceItem], scores: MultipleChoiceScores
-) -> tuple[dict[str, float], dict[str, float | None]]:
-    """`acc`, `acc_norm`, `acc_bytes` over the items, and their standard errors."""
-    metrics, stderr = {}, {}
-    for name in NORMALISATIONS:
-        hits = [
-            float(prediction == item.gold) for prediction, item in zip(scores.predictions[name], items, strict=True)
-        ]
-        metrics[name], stderr[name] = _mean_and_stderr(hits)
-    return metrics, stderr
-
-
-def _per_language(items: Sequence[MultipleChoiceItem], scores: MultipleChoiceScores) -> dict[str, dict[str, float]]:
+def _per_language(
+    items: Sequence[MultipleChoiceItem], loglikelihoods: Sequence[Sequence[float]]
+) -> dict[str, dict[str, float]]:
     indices_by_language: dict[str, list[int]] = defaultdict(list)
     for index, item in enumerate(items):
         if item.language is not None:
             indices_by_language[item.language].append(index)
     breakdown = {}
     for language, indices in sorted(indices_by_language.items()):
-        subset = MultipleChoiceScores(
-            loglikelihoods=[scores.loglikelihoods[index] for index in indices],
-            predictions={name: [picks[index] for index in indices] for name, picks in scores.predictions.items()},
-        )
-        metrics, _ = accuracy_metrics([items[index] for index in indices], subset)
-        breakdown[language] = {"num_items": len(indices), **metrics}
+        accuracy = accuracy_metrics([items[index] for index in indices], [loglikelihoods[index] for index in indices])
+        breakdown[language] = {"num_items": len(indices), **{name: accuracy[name] for name in NORMALISATIONS}}
     return breakdown
 
 
@@ -307,15 +267,16 @@ def evaluate_multiple_choice(
             raise ValueError(f"limit must be at least 1, got {limit}.")
         items = items[:limit]
     loaded, tokenizer = load_model_and_tokenizer(model, device=device, dtype=dtype)
-    scores = score_items(
+    loglikelihoods = score_items(
         loaded, tokenizer, items, batch_size=batch_size, target_delimiter=target_delimiter, progress=progress
     )
-    metrics, stderr = accuracy_metrics(items, scores)
-    details: dict = {"num_items": len(items), "stderr": stderr}
-    per_language = _per_language(items, scores)
+    accuracy = accuracy_metrics(items, loglikelihoods)
+    metrics = {name: accuracy[name] for name in NORMALISATIONS}
+    details: dict = {"num_items": len(items), "stderr": {name: accuracy[f"{name}_stderr"] for name in NORMALISATIONS}}
+    per_language = _per_language(items, loglikelihoods)
     if per_language:
         details["per_language"] = per_language
-    details["predictions"] = scores.predictions
+    details["predictions"] = accuracy["predictions"]
     return EvalResult(
         evaluation="multiple_choice",
         model=str(model),

@@ -25,13 +25,13 @@ Metrics, over the tokens of a group (or of all documents):
 * `bits_per_byte`: total NLL in nats / ln(2) / total bytes, where the bytes are the UTF-8 encoding of each document's
   text exactly as read from the file (no `<s>`/`</s>`, no normalisation). It does not depend on the tokenizer, so it
   compares models with different vocabularies.
+They are computed by the shipped `evaluate` module `bits_per_byte` (`apertus_hf.evaluation.load_metric`).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +43,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data import DataSource, load_documents
-from .common import EvalResult, default_result_path, load_model_and_tokenizer
+from ..data.padding import pad_token_rows
+from ..loss import IGNORE_INDEX
+from ..runtime import resolve_source
+from .common import MODEL_HINT, EvalResult, default_result_path, load_model_and_tokenizer
+from .metrics import load_metric
 
 GroupBy = Literal["language", "source", "file"]
 GROUP_BY_CHOICES: tuple[str, ...] = ("language", "source", "file")
@@ -85,11 +89,11 @@ class LossTotals:
         self.documents += other.documents
 
     def metrics(self) -> dict[str, float]:
-        """`loss` (mean nats per token), `perplexity` = exp(loss), `bits_per_byte` = nll / ln 2 / bytes."""
-        if self.tokens == 0 or self.bytes == 0:
-            raise ValueError("No text to score: every document is empty. Pass documents with text.")
-        loss = self.nll / self.tokens
-        return {"perplexity": math.exp(loss), "loss": loss, "bits_per_byte": self.nll / math.log(2) / self.bytes}
+        """`loss` (mean nats per token), `perplexity` = exp(loss), `bits_per_byte` = nll / ln 2 / bytes, by the
+        `bits_per_byte` metric."""
+        # In memory: no cache files under ~/.cache/huggingface/evaluate for a one-row computation.
+        metric = load_metric("bits_per_byte", keep_in_memory=True)
+        return metric.compute(nll=[self.nll], tokens=[self.tokens], bytes=[self.bytes])
 
     def summary(self) -> dict[str, float | int]:
         """The counts, and the metrics when there is text (a group of empty documents has none)."""
@@ -187,19 +191,17 @@ def score_windows(
     totals = []
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch"):
         batch = windows[start : start + batch_size]
-        width = max(len(window.input_ids) for window in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        for row, window in enumerate(batch):
-            length = len(window.input_ids)
-            input_ids[row, :length] = torch.tensor(window.input_ids)
-            attention_mask[row, :length] = 1
-            labels[row, length - window.scored : length] = input_ids[row, length - window.scored : length]
+        input_ids, attention_mask = pad_token_rows([window.input_ids for window in batch], pad_id)
+        # Only each window's last `scored` tokens are targets.
+        label_rows = [
+            [IGNORE_INDEX] * (len(window.input_ids) - window.scored) + window.input_ids[-window.scored :]
+            for window in batch
+        ]
+        labels, _ = pad_token_rows(label_rows, IGNORE_INDEX)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
         targets = labels[:, 1:].to(device)
         for row in range(len(batch)):  # one row at a time keeps the float32 copy of the logits small
-            nll = F.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=-100, reduction="sum")
+            nll = F.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=IGNORE_INDEX, reduction="sum")
             totals.append(nll.item())
     return totals
 
@@ -255,10 +257,9 @@ def evaluate_perplexity(
     output: str | Path | None = None,
     text_column: str = "text",
 ) -> EvalResult:
-    """Score `data` with the model folder `model`, write the EvalResult JSON (default
-    `<model>/eval_results/perplexity.json`) and return it."""
-    if not Path(model).is_dir():
-        raise FileNotFoundError(f"Model folder {model} does not exist; pass a saved model folder to --model.")
+    """Score `data` with the model folder (or Hub id) `model`, write the EvalResult JSON (default
+    `<model>/eval_results/perplexity.json`, or `eval_results/perplexity.json` for a Hub id) and return it."""
+    resolve_source(str(model), "model", MODEL_HINT)  # a missing model folder fails before the data is read
     documents = read_documents(data, group_by, text_column)
     loaded, tokenizer = load_model_and_tokenizer(model, device, dtype)
     max_length, stride = window_settings(loaded, max_length, stride)

@@ -3,7 +3,8 @@
 `save_state` writes into a folder in place, so a job killed mid-save leaves a folder that looks like a checkpoint
 but is not one. We therefore save into a hidden temporary folder, write a manifest (every file with its size) last,
 and only then rename the folder to `step_<N>`: a folder with that name and a valid manifest is complete. On resume the
-newest complete checkpoint that loads is used; incomplete or corrupt ones are reported and skipped.
+newest complete checkpoint that loads is used; incomplete or corrupt ones are reported and skipped, and when none is
+usable the resume stops (`UnusableCheckpointsError`) instead of silently starting the run again from step 0.
 """
 
 from __future__ import annotations
@@ -45,7 +46,20 @@ class TrainingProgress:
             setattr(self, key, value)
 
 
-def _manifest_problem(folder: Path) -> str | None:
+class UnusableCheckpointsError(RuntimeError):
+    """Checkpoints exist but none can be resumed from; the message names each one, its problem and the fixes."""
+
+    def __init__(self, checkpoints_dir: Path, problems: dict[Path, str]):
+        listed = "\n".join(f"  {folder.name}: {problem}" for folder, problem in problems.items())
+        super().__init__(
+            f"No checkpoint in {checkpoints_dir} can be resumed from:\n{listed}\n"
+            "Starting again from step 0 would replace this run's metrics and, at the end, its exported model. Repair "
+            "or restore one of them (e.g. from a backup), or start a new run: choose another output_dir, or pass "
+            "--overwrite_output_dir true to archive this run folder (renamed, not deleted) and start afresh."
+        )
+
+
+def checkpoint_problem(folder: Path) -> str | None:
     """Why `folder` is not a complete checkpoint, or None when it is."""
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -81,7 +95,7 @@ def complete_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
     """The complete checkpoints in `checkpoints_dir`, newest first; incomplete ones are logged and left out."""
     complete = []
     for folder in checkpoint_folders(checkpoints_dir):
-        problem = _manifest_problem(folder)
+        problem = checkpoint_problem(folder)
         if problem is None:
             complete.append(folder)
         else:
@@ -115,26 +129,52 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: str | Path, step:
             handle.flush()
             os.fsync(handle.fileno())
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(final)  # a checkpoint of this very step that did not load (resumes skip those)
         os.replace(temporary, final)
-        _prune(checkpoints_dir, keep)
+        _prune(checkpoints_dir, keep, step)
     accelerator.wait_for_everyone()
     return final
 
 
-def _prune(checkpoints_dir: Path, keep: int) -> None:
-    for folder in complete_checkpoints(checkpoints_dir)[keep:]:
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer step of a `step_<N>` checkpoint folder."""
+    return int(_CHECKPOINT_NAME.match(folder.name).group(1))
+
+
+def _prune(checkpoints_dir: Path, keep: int, step: int) -> None:
+    """Delete the complete checkpoints older than the newest `keep` up to `step`, the one just saved.
+
+    Checkpoints of later steps are never deleted nor counted: they are ones a resume skipped as unloadable, which a
+    user may still repair (and this run replaces each when it saves that step itself).
+    """
+    for folder in [folder for folder in complete_checkpoints(checkpoints_dir) if checkpoint_step(folder) <= step][
+        keep:
+    ]:
         shutil.rmtree(folder)
     for leftover in checkpoints_dir.glob(".step_*.incomplete"):
         shutil.rmtree(leftover)
 
 
+def check_resumable(checkpoints_dir: str | Path) -> None:
+    """Raise UnusableCheckpointsError when `checkpoints_dir` holds checkpoint folders but none is complete.
+
+    Reads only the manifests, so a run can check this before it spends time on tokenisation.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    problems = {folder: checkpoint_problem(folder) for folder in checkpoint_folders(checkpoints_dir)}
+    if problems and all(problems.values()):
+        raise UnusableCheckpointsError(checkpoints_dir, problems)
+
+
 def load_latest_checkpoint(accelerator: Accelerator, checkpoints_dir: str | Path) -> Path | None:
-    """Load the newest complete checkpoint that loads; returns its folder, or None when there is none.
+    """Load the newest complete checkpoint that loads; returns its folder, or None when there is no checkpoint.
 
     A checkpoint whose files fail to load (corrupted on disk although the sizes match) is reported and the previous
     one is tried: `load_state` restores every piece of state, so a partial load is fully overwritten by the next.
+    Raises UnusableCheckpointsError when checkpoint folders exist but none loads.
     """
+    checkpoints_dir = Path(checkpoints_dir)
+    problems = {folder: checkpoint_problem(folder) for folder in checkpoint_folders(checkpoints_dir)}
     for folder in complete_checkpoints(checkpoints_dir):
         try:
             accelerator.load_state(str(folder))
@@ -145,6 +185,9 @@ def load_latest_checkpoint(accelerator: Accelerator, checkpoints_dir: str | Path
                 type(error).__name__,
                 error,
             )
+            problems[folder] = f"could not be loaded ({type(error).__name__}: {error})"
             continue
         return folder
+    if problems:
+        raise UnusableCheckpointsError(checkpoints_dir, problems)
     return None

@@ -7,12 +7,23 @@ them up to Apertus-8B/70B with the values of the Apertus tech report.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from ..configuration_apertus import PRESETS
 from ..runtime import check_attn_implementation
+from ..training_facts import portable_path
+
+RECIPE_FILE_NAME = "pretrain_config.yaml"
+"""The resolved options of a run, saved in its output_dir and with its exported model (loadable with `--config`)."""
+
+PATH_OPTIONS = ("output_dir", "init_from", "tokenizer")
+"""The options that hold a path (besides the `path` of each data source)."""
 
 
 @dataclass
@@ -20,12 +31,42 @@ class PretrainConfig:
     # Run
     output_dir: str = field(
         default="outputs/pretrain-tiny",
-        metadata={"help": "Folder of the run: checkpoints/, the exported model (model/), metrics.jsonl and train.log."},
+        metadata={
+            "help": (
+                "Folder of the run: checkpoints/, the exported model (model/), metrics.jsonl and train.log. Launching "
+                "again into a folder that holds a run resumes it; see resume and overwrite_output_dir."
+            )
+        },
     )
     seed: int = field(default=42, metadata={"help": "Seed of the model initialisation and the data order."})
     resume: bool = field(
         default=True,
-        metadata={"help": "Resume from the latest complete checkpoint in output_dir/checkpoints when there is one."},
+        metadata={
+            "help": (
+                "Resume from the latest complete checkpoint in output_dir/checkpoints when there is one. false in a "
+                "folder that already holds a run stops with an error (unless overwrite_output_dir), so that two runs "
+                "never mix."
+            )
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Start afresh even when output_dir holds a run: the old folder is first renamed to the sibling "
+                "<output_dir>.replaced-<UTC time> (never deleted), and the new run gets an empty output_dir."
+            )
+        },
+    )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Intra-op CPU threads per process (torch.set_num_threads). None: the process default, except that a "
+                "single CPU process started by `accelerate launch` (which sets OMP_NUM_THREADS=1) uses every core it "
+                "may run on. A resume is bit for bit on CPU only with as many threads as the run that saved."
+            )
+        },
     )
 
     # Model
@@ -241,16 +282,28 @@ class PretrainConfig:
     progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm progress bar on the main process."})
 
     # Publishing
-    push_to_hub: str | None = field(
+    license: str | None = field(
         default=None,
         metadata={
             "help": (
-                "Hub repo id (ORG/NAME) to publish the exported model to, with its model card "
-                "(apertus_hf.hub.publish; needs a token, e.g. `hf auth login`)."
+                "Hub license id of the trained model (e.g. apache-2.0), written to its training facts and card; "
+                "None: unknown, and the model card warns that it needs one before publishing."
             )
         },
     )
-    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    hub_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Hub repo id (ORG/NAME) that recipes/pretrain.py publishes the exported model to, with its model card "
+                "(apertus_hf.hub.publish; needs a token, e.g. `hf auth login`). None: no upload."
+            )
+        },
+    )
+    hub_private_repo: bool | None = field(
+        default=None,
+        metadata={"help": "Create the Hub repo as private (true) or public (false); None: the Hub's default."},
+    )
 
     def __post_init__(self):
         positive = (
@@ -266,6 +319,8 @@ class PretrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads={self.cpu_threads} must be >= 1 (or None for the default).")
         for name in ("eval_steps", "checkpoint_steps", "eval_documents", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 disables it).")
@@ -306,3 +361,18 @@ class PretrainConfig:
             if step >= ramp_step:
                 accumulation = ramp_accumulation
         return accumulation
+
+    def save(self, folder: str | Path, portable: bool = False) -> Path:
+        """Write the options to `folder/pretrain_config.yaml`. `portable`: without this machine's absolute paths
+        (training_facts.portable_path), for a file that is published with the model."""
+        options = dataclasses.asdict(self)
+        if portable:
+            for name in PATH_OPTIONS:
+                if options[name] is not None:
+                    options[name] = portable_path(options[name])
+            for name in ("data", "eval_data"):
+                options[name] = [{**source, "path": portable_path(str(source["path"]))} for source in options[name]]
+        path = Path(folder) / RECIPE_FILE_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(options, sort_keys=False))
+        return path

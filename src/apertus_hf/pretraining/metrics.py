@@ -1,13 +1,16 @@
-"""Throughput accounting (FLOPs per token, MFU) and the JSONL metrics file."""
+"""Throughput accounting (FLOPs per token, MFU), the JSONL metrics file, and the records of the steps."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from ..configuration_apertus import ApertusConfig
 
@@ -112,3 +115,106 @@ class MetricsFile:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl file, in order."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def last_evaluation(path: str | Path) -> dict[str, float]:
+    """The held-out loss and perplexity of the last evaluation recorded in a metrics.jsonl file ({} when none)."""
+    evaluated = [record for record in read_metrics(path) if "eval/loss" in record] if Path(path).is_file() else []
+    if not evaluated:
+        return {}
+    return {"loss": evaluated[-1]["eval/loss"], "perplexity": evaluated[-1]["eval/perplexity"]}
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step measured, still on the device (reading it would wait for the step to finish)."""
+
+    loss: torch.Tensor
+    """This process's share of the step's loss: the loss is the sum of the shares over all processes."""
+    grad_norm: torch.Tensor | float | None
+    """The global gradient norm before clipping, None without clipping."""
+    learning_rate: float
+
+
+class StepRecords:
+    """One metrics record per optimizer step, in metrics.jsonl and the Accelerate trackers.
+
+    The values stay tensors until a log line, an evaluation, a checkpoint or the end needs them; then the pending steps
+    are reduced over the processes together and read at once, so the host waits for the device once per write instead
+    of once per step. Throughput is measured over the window between two logged steps, after that read, so that it
+    counts the finished work.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        metrics: MetricsFile,
+        trackers: bool,
+        flops_per_token: float,
+        peak_flops: float | None,
+    ):
+        self.accelerator = accelerator
+        self.metrics = metrics
+        self.trackers = trackers
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self._pending: list[tuple[int, StepOutput, int, int]] = []  # step, output, tokens seen, epoch
+        self._records: list[dict[str, Any]] = []
+        self._window_start, self._window_tokens = time.perf_counter(), 0
+        self.last_loss: float | None = None
+        self.last_eval_loss: float | None = None
+
+    def add(self, step: int, output: StepOutput, step_tokens: int, tokens_seen: int, epoch: int) -> None:
+        self._pending.append((step, output, tokens_seen, epoch))
+        self._window_tokens += step_tokens
+
+    def _read_pending(self) -> None:
+        if not self._pending:
+            return
+        local_losses = torch.stack([output.loss for _, output, _, _ in self._pending])
+        losses = self.accelerator.reduce(local_losses, reduction="sum").tolist()
+        for (step, output, tokens_seen, epoch), loss in zip(self._pending, losses, strict=True):
+            record = {
+                "step": step,
+                "train/loss": loss,
+                "train/lr": output.learning_rate,
+                "train/tokens": tokens_seen,
+                "train/epoch": epoch,
+            }
+            if output.grad_norm is not None:
+                record["train/grad_norm"] = float(output.grad_norm)
+            self._records.append(record)
+        self.last_loss = losses[-1]
+        self._pending = []
+
+    def close_window(self) -> dict[str, Any]:
+        """Add tokens/s (and MFU against a known peak) over the window ending at the last step to its record, and
+        return that record."""
+        self._read_pending()
+        record = self._records[-1]
+        tokens_per_second = self._window_tokens / (time.perf_counter() - self._window_start)
+        record["train/tokens_per_second"] = tokens_per_second
+        if self.peak_flops:
+            record["train/mfu"] = (
+                tokens_per_second * self.flops_per_token / (self.peak_flops * self.accelerator.num_processes)
+            )
+        self._window_start, self._window_tokens = time.perf_counter(), 0
+        return record
+
+    def add_eval(self, loss: float) -> None:
+        """The held-out loss measured after the last step, in that step's record."""
+        self._read_pending()
+        self.last_eval_loss = loss
+        self._records[-1]["eval/loss"] = loss
+        self._records[-1]["eval/perplexity"] = math.exp(min(loss, 50.0))
+
+    def write(self) -> None:
+        """Write every step's record so far."""
+        self._read_pending()
+        for record in self._records:
+            self.metrics.write(record)
+            if self.trackers:
+                self.accelerator.log(
+                    {key: value for key, value in record.items() if key != "step"}, step=record["step"]
+                )
+        self._records = []

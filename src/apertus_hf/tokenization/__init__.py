@@ -1,6 +1,13 @@
 """Apertus tokenizer: the real tekken v3 tokenizer with its chat template, the special-token layout, and BPE training."""
 
-from .apertus import APERTUS_TOKENIZER_NAME, apertus_generation_config, load_apertus_tokenizer, load_tokenizer
+from .apertus import (
+    APERTUS_TOKENIZER_NAME,
+    apertus_generation_config,
+    has_apertus_special_tokens,
+    load_apertus_tokenizer,
+    load_chat_tokenizer,
+    load_tokenizer,
+)
 from .chat_template import APERTUS_CHAT_TEMPLATE, APERTUS_DEFAULT_SYSTEM_PROMPT
 from .special_tokens import (
     BOS_TOKEN,
@@ -45,8 +52,10 @@ __all__ = [
     "apertus_generation_config",
     "corpus_files",
     "corpus_token_statistics",
+    "has_apertus_special_tokens",
     "iter_corpus_texts",
     "load_apertus_tokenizer",
+    "load_chat_tokenizer",
     "load_tokenizer",
     "special_token_layout",
     "train_bpe_tokenizer",

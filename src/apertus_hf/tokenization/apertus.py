@@ -9,23 +9,28 @@ renamed to the Apertus layout here.
 """
 
 import json
+import logging
 from pathlib import Path
 
 from tokenizers import Tokenizer
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.integrations.mistral.tokenizer import MistralConverter
 
+from ..runtime import resolve_source
 from .chat_template import APERTUS_CHAT_TEMPLATE
 from .special_tokens import (
     ASSISTANT_END_TOKEN_ID,
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
+    NAMED_SPECIAL_TOKENS,
     NUM_SPECIAL_TOKENS,
     PAD_TOKEN_ID,
     SPECIAL_TOKENS,
     TOOLS_SUFFIX_TOKEN_ID,
 )
 from .training import bos_prepending_post_processor, wrap_apertus_tokenizer
+
+logger = logging.getLogger(__name__)
 
 APERTUS_VOCAB_SIZE = 131072
 APERTUS_MODEL_MAX_LENGTH = 65536
@@ -101,11 +106,43 @@ APERTUS_TOKENIZER_NAME = "apertus"
 """What recipes write for `tokenizer` to get `load_apertus_tokenizer()`: the real Apertus tokenizer, built offline."""
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
-    """`load_apertus_tokenizer()` for the name "apertus", else `AutoTokenizer.from_pretrained(name_or_path)`."""
+def load_tokenizer(name_or_path: str, what: str = "tokenizer") -> PreTrainedTokenizerFast:
+    """`load_apertus_tokenizer()` for the name "apertus", else `AutoTokenizer.from_pretrained(name_or_path)`.
+
+    A local path that does not exist raises `SourceNotFoundError` naming `what` (the option that gave it), before
+    transformers would take it for a Hub id.
+    """
     if name_or_path == APERTUS_TOKENIZER_NAME:
         return load_apertus_tokenizer()
-    return AutoTokenizer.from_pretrained(name_or_path)
+    source = resolve_source(name_or_path, what, f"Use a tokenizer folder, a Hub id, or {APERTUS_TOKENIZER_NAME!r}.")
+    return AutoTokenizer.from_pretrained(source)
+
+
+def has_apertus_special_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether `tokenizer` has every named Apertus special token at its Apertus id (the ids of the Hub's
+    swiss-ai/Apertus-8B-Instruct-2509 tokenizer_config.json)."""
+    vocab = tokenizer.get_vocab()
+    return all(vocab.get(token) == token_id for token_id, token in NAMED_SPECIAL_TOKENS.items())
+
+
+def load_chat_tokenizer(name_or_path: str, what: str = "tokenizer_name_or_path") -> PreTrainedTokenizerBase:
+    """The tokenizer of `name_or_path` for chat training and sampling: it must have a chat template and a pad token.
+
+    Tokenizers with the Apertus special tokens at their ids but no stored template (saved before the template
+    existed) get the Apertus template, which renders correctly with them.
+    """
+    tokenizer = load_tokenizer(name_or_path, what)
+    if not tokenizer.chat_template and has_apertus_special_tokens(tokenizer):
+        logger.info("The tokenizer of %s has no chat template; using the Apertus one.", name_or_path)
+        tokenizer.chat_template = APERTUS_CHAT_TEMPLATE
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"The tokenizer of {name_or_path} has no chat template. Use a tokenizer saved by apertus_hf "
+            "(data/tokenizer or apertus_hf.tokenization.load_apertus_tokenizer()), or set tokenizer_name_or_path to one."
+        )
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"The tokenizer of {name_or_path} has no pad token; set tokenizer.pad_token.")
+    return tokenizer
 
 
 def apertus_generation_config() -> GenerationConfig:

@@ -1,93 +1,52 @@
-"""Post-training: SFT with TRL, QRPO (trainer, loss, and the reference-completion and reward pipeline) and a DPO
-baseline, with the recipe options they share."""
+"""Post-training: SFT with TRL, QRPO (trainer and loss) and a DPO baseline, with the recipe options they share. The
+preference data they read (schema, sampling, rewards, the QRPO dataset pipeline) is `apertus_hf.preference`'s."""
 
-from .dpo import DPORecipeConfig, DPOResult, build_dpo_trainer, dpo_pairs, run_dpo
-from .qrpo import (
-    DataCollatorForQRPO,
-    QRPOConfig,
-    QRPODatasetError,
-    QRPOTrainer,
-    qrpo_dataset_layout,
-    qrpo_loss,
-    quantile_rewards,
-)
-from .qrpo_data import (
-    QRPOPrepareConfig,
-    QRPOPrepareError,
-    QRPOPrepareResult,
-    RewardModelScorer,
-    build_qrpo_rows,
-    load_prompts,
-    load_reward,
-    prepare_qrpo_dataset,
-    score_completions,
-    select_pair,
-)
-from .qrpo_recipe import QRPORecipeConfig, QRPOResult, run_qrpo
+from ..preference import QRPODatasetError
+from .dpo import DPO_RECIPE, DPOArguments, DPOResult, build_dpo_trainer, dpo_pairs, run_dpo
+from .qrpo import DataCollatorForQRPO, QRPOConfig, QRPOTrainer, qrpo_loss
+from .qrpo_recipe import QRPO_RECIPE, QRPOArguments, QRPOResult, run_qrpo
 from .recipe import (
-    PostTrainingRecipeConfig,
+    PostTrainingArguments,
+    PostTrainingRecipe,
     PostTrainingRecipeError,
-    has_apertus_special_tokens,
-    load_chat_tokenizer,
     load_policy_model,
     load_post_training_dataset,
     optimizer_cls_and_kwargs,
     peft_config,
     resume_checkpoint,
-    save_post_trained_model,
-    training_arguments,
 )
-from .rewards import answer_similarity, substring_frequency
-from .sampling import Completion, generate_completions, sample_completions, sampling_config
-from .sft import SFTRecipeConfig, SFTResult, build_sft_trainer, check_sft_columns, run_sft, sft_training_arguments
+from .saving import save_post_trained_model
+from .sft import SFT_RECIPE, SFTArguments, SFTResult, build_sft_trainer, check_sft_columns, run_sft
 
 __all__ = [
-    "Completion",
-    "DPORecipeConfig",
+    "DPO_RECIPE",
+    "QRPO_RECIPE",
+    "SFT_RECIPE",
+    "DPOArguments",
     "DPOResult",
     "DataCollatorForQRPO",
-    "PostTrainingRecipeConfig",
+    "PostTrainingArguments",
+    "PostTrainingRecipe",
     "PostTrainingRecipeError",
+    "QRPOArguments",
     "QRPOConfig",
     "QRPODatasetError",
-    "QRPOPrepareConfig",
-    "QRPOPrepareError",
-    "QRPOPrepareResult",
-    "QRPORecipeConfig",
     "QRPOResult",
     "QRPOTrainer",
-    "RewardModelScorer",
-    "SFTRecipeConfig",
+    "SFTArguments",
     "SFTResult",
-    "answer_similarity",
     "build_dpo_trainer",
-    "build_qrpo_rows",
     "build_sft_trainer",
     "check_sft_columns",
     "dpo_pairs",
-    "generate_completions",
-    "has_apertus_special_tokens",
-    "load_chat_tokenizer",
     "load_policy_model",
     "load_post_training_dataset",
-    "load_prompts",
-    "load_reward",
     "optimizer_cls_and_kwargs",
     "peft_config",
-    "prepare_qrpo_dataset",
-    "qrpo_dataset_layout",
     "qrpo_loss",
-    "quantile_rewards",
     "resume_checkpoint",
     "run_dpo",
     "run_qrpo",
     "run_sft",
-    "sample_completions",
-    "sampling_config",
     "save_post_trained_model",
-    "score_completions",
-    "select_pair",
-    "sft_training_arguments",
-    "substring_frequency",
-    "training_arguments",
 ]

@@ -16,35 +16,35 @@ from pathlib import Path
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from .qrpo import PAIRED_COLUMNS, UNPAIRED_COLUMNS
+from ..preference import PAIRED_COLUMNS, UNPAIRED_COLUMNS
 from .recipe import (
-    PostTrainingRecipeConfig,
+    POST_TRAINING_CONFIG_DEFAULTS,
+    PostTrainingArguments,
+    PostTrainingRecipe,
     PostTrainingRecipeError,
-    load_chat_tokenizer,
+    chat_tokenizer,
     load_policy_model,
     load_post_training_dataset,
     optimizer_cls_and_kwargs,
     peft_config,
     resume_checkpoint,
-    save_post_trained_model,
-    training_arguments,
+    without_evaluation,
 )
+from .saving import save_post_trained_model
 
 logger = logging.getLogger(__name__)
 
 RECIPE_FILE_NAME = "dpo_config.yaml"
 DPO_COLUMNS = ("prompt", "chosen", "rejected")
+# TRL's DPOTrainer carries the BibTeX entry of the DPO paper (Rafailov et al. 2023, arXiv 2305.18290).
+DPO_CITATION = DPOTrainer._paper["citation"]
 
 
 @dataclass
-class DPORecipeConfig(PostTrainingRecipeConfig):
-    """Options of `recipes/dpo.py`; the defaults are its embedded default run (recipes/configs/tiny/dpo.yaml)."""
+class DPOArguments(PostTrainingArguments):
+    """Our options of `recipes/dpo.py` (the rest, beta and loss_type among them, are `DPOConfig`'s); the defaults are
+    its embedded default run (recipes/configs/tiny/dpo.yaml)."""
 
-    # Defaults of the shared fields for the embedded default run.
-    output_dir: str = field(
-        default="outputs/dpo-tiny",
-        metadata={"help": "Folder of the run: checkpoints, the final model (or LoRA adapter), logs and the recipe."},
-    )
     model_name_or_path: str = field(
         default="outputs/sft-tiny",
         metadata={
@@ -63,45 +63,28 @@ class DPORecipeConfig(PostTrainingRecipeConfig):
             )
         },
     )
-    max_length: int | None = field(
-        default=256, metadata={"help": "Longest tokenized prompt + completion; longer ones are truncated."}
-    )
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
-    per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per device and micro-batch."})
-    logging_steps: int = field(default=2, metadata={"help": "Log metrics every this many optimizer steps."})
-    save_steps: int = field(default=50, metadata={"help": "Checkpoint every this many optimizer steps."})
 
-    # DPO options (fields of TRL's DPOConfig).
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "KL strength: higher keeps the policy closer to the reference (DPO's beta)."},
-    )
-    loss_type: list[str] = field(
-        default_factory=lambda: ["sigmoid"],
-        metadata={
-            "help": (
-                "TRL DPO loss(es): sigmoid (the DPO paper), ipo, hinge, robust, ...; several are summed with "
-                "trainer_args.loss_weights."
-            )
-        },
-    )
-    label_smoothing: float = field(
-        default=0.0, metadata={"help": "Label noise assumed by the robust / conservative DPO losses (0: none)."}
-    )
-    precompute_ref_log_probs: bool = field(
-        default=False,
-        metadata={
-            "help": (
-                "Compute the reference log-probs once before training, so no reference model stays in memory (as "
-                "Apertus did for QRPO)."
-            )
-        },
-    )
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.beta <= 0:
-            raise PostTrainingRecipeError(f"beta must be > 0, got {self.beta}.")
+DPO_RECIPE = PostTrainingRecipe(
+    stage="dpo",
+    arguments_class=DPOArguments,
+    config_class=DPOConfig,
+    config_defaults={
+        **POST_TRAINING_CONFIG_DEFAULTS,
+        "output_dir": "outputs/dpo-tiny",
+        "learning_rate": 1e-4,
+        "per_device_train_batch_size": 16,
+        "save_steps": 50,
+        "max_length": 256,
+        "beta": 0.1,
+        "loss_type": ["sigmoid"],
+        "label_smoothing": 0.0,
+        # True computes the reference log-probs once before training, so no reference model stays in memory.
+        "precompute_ref_log_probs": False,
+    },
+    recipe_file_name=RECIPE_FILE_NAME,
+    config_docs="https://huggingface.co/docs/trl/dpo_trainer#trl.DPOConfig",
+)
 
 
 @dataclass
@@ -137,23 +120,14 @@ def dpo_pairs(dataset: Dataset, name: str, source: str) -> Dataset:
     return dataset.select_columns(list(DPO_COLUMNS))
 
 
-def dpo_training_arguments(recipe: DPORecipeConfig) -> DPOConfig:
-    """The `DPOConfig` of `recipe`."""
-    return training_arguments(
-        recipe,
-        DPOConfig,
-        max_length=recipe.max_length,
-        beta=recipe.beta,
-        loss_type=list(recipe.loss_type),
-        label_smoothing=recipe.label_smoothing,
-        precompute_ref_log_probs=recipe.precompute_ref_log_probs,
-    )
-
-
-def build_dpo_trainer(recipe: DPORecipeConfig) -> DPOTrainer:
-    """TRL's `DPOTrainer` for `recipe`: pairs loaded and checked, model loaded (with LoRA), reference set up."""
-    args = dpo_training_arguments(recipe)
-    train_dataset, eval_dataset = load_post_training_dataset(recipe)
+def build_dpo_trainer(recipe: DPOArguments, args: DPOConfig) -> DPOTrainer:
+    """TRL's `DPOTrainer` for `recipe` and `args`: pairs loaded and checked, model loaded (with LoRA), reference set
+    up. Build `args` before calling (as `DPO_RECIPE.configs` does): under ZeRO-3 the config makes `from_pretrained`
+    load the weights already sharded."""
+    if args.beta <= 0:
+        raise PostTrainingRecipeError(f"beta must be > 0, got {args.beta}.")
+    args = without_evaluation(args, recipe.has_evaluation)
+    train_dataset, eval_dataset = load_post_training_dataset(recipe, args.seed)
     train_dataset = dpo_pairs(train_dataset, "training", recipe.dataset)
     if eval_dataset is not None:
         eval_dataset = dpo_pairs(eval_dataset, "evaluation", recipe.dataset)
@@ -164,26 +138,31 @@ def build_dpo_trainer(recipe: DPORecipeConfig) -> DPOTrainer:
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        processing_class=load_chat_tokenizer(recipe),
+        processing_class=chat_tokenizer(recipe),
         peft_config=peft_config(recipe),
     )
     # DPOTrainer's __init__ does not take optimizer_cls_and_kwargs; Trainer.create_optimizer reads the attribute.
-    trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(recipe)
+    trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(recipe, args)
     return trainer
 
 
-def run_dpo(recipe: DPORecipeConfig) -> DPOResult:
-    """Train `recipe.model_name_or_path` with DPO on the pairs in `recipe.dataset`; see `DPORecipeConfig`.
+def run_dpo(recipe: DPOArguments, args: DPOConfig) -> DPOResult:
+    """Train `recipe.model_name_or_path` with DPO on the pairs in `recipe.dataset`; see `DPOArguments` and
+    `DPO_RECIPE` (whose `configs`/`parse` build the two).
 
     Resumes from the newest checkpoint in output_dir (with `resume`). Saves like every post-training recipe
     (`save_post_trained_model`): the model (or LoRA adapter, and with `merge_lora` the merged model in
-    output_dir/merged) with its tokenizer, the Apertus generation config and the recipe (`dpo_config.yaml`); pushes
-    output_dir to the Hub with `hub_model_id`.
+    output_dir/merged) with its tokenizer, the Apertus generation config, the recipe (`dpo_config.yaml`) and its
+    training facts. It does not publish: recipes/dpo.py does, with apertus_hf's card.
     """
-    trainer = build_dpo_trainer(recipe)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(recipe))
-    model_dir = save_post_trained_model(trainer, recipe, RECIPE_FILE_NAME)
+    trainer = build_dpo_trainer(recipe, args)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(recipe, trainer.args))
+    args = trainer.args
+    smoothing = f", label smoothing {args.label_smoothing:g}" if args.label_smoothing else ""
+    reference = "precomputed once" if args.precompute_ref_log_probs else "the starting model"
+    method = {"DPO": f"beta {args.beta:g}, loss {', '.join(args.loss_type)}{smoothing}; reference: {reference}"}
+    model_dir = save_post_trained_model(trainer, DPO_RECIPE, recipe, args, method_rows=method, citations=[DPO_CITATION])
     logger.info("Saved the DPO model to %s.", model_dir)
     return DPOResult(
-        Path(recipe.output_dir), model_dir, trainer.state.global_step, trainer.is_world_process_zero(), trainer
+        Path(args.output_dir), model_dir, trainer.state.global_step, trainer.is_world_process_zero(), trainer
     )

@@ -15,12 +15,16 @@ with R_q = mean_i 1[ref_reward_i <= reward(y)], log-probs summed over the comple
 - `normal_icdf`: f = Phi^-1(clip(R_q, 1/n, (n-1)/n)), log Z = 1 / (2 beta^2).
 
 With `length_normalize` (what Apertus used), beta becomes beta/|y| in every term, capped at `max_normalized_beta`.
+
+The file is one trainer the way TRL writes one (~700 lines): the loss as pure functions of tensors, the config, the
+tokenizing and batching of QRPO rows, and the trainer, read top to bottom; splitting them would send a reader of the
+trainer to four files. The dataset itself (layouts, row checks, quantile rewards, the pipeline that writes it) is
+`apertus_hf.preference`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -45,6 +49,9 @@ from transformers.data.data_collator import DataCollatorMixin
 from transformers.utils import is_peft_available, logging
 from trl.trainer.utils import add_fused_lm_head, generate_model_card, selective_log_softmax
 
+from ..data.padding import pad_token_rows
+from ..preference import PreferenceLayout, QRPODatasetError, is_chat_prompt, qrpo_dataset_layout, quantile_rewards
+
 if is_peft_available():
     from peft import PeftConfig, PeftModel, get_peft_model
 
@@ -52,9 +59,6 @@ logger = logging.get_logger(__name__)
 
 QRPO_TRANSFORMS = ("identity", "log", "normal_icdf")
 QRPOTransform = Literal["identity", "log", "normal_icdf"]
-
-UNPAIRED_COLUMNS = ("prompt", "completion", "reward", "ref_rewards")
-PAIRED_COLUMNS = ("prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "ref_rewards")
 
 QRPO_CITATION = """\
 @article{matrenok2025qrpo,
@@ -65,23 +69,9 @@ QRPO_CITATION = """\
 }"""
 
 
-class QRPODatasetError(ValueError):
-    """A QRPO dataset row or column the trainer cannot use; the message names the row and the fix."""
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The loss
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def quantile_rewards(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.Tensor:
-    """R_q: for each completion, the fraction of its reference rewards that are <= its reward (ties count as below).
-
-    Args:
-        rewards: (B,) rewards of the completions.
-        ref_rewards: (B, n) rewards of the n reference completions of each prompt.
-    """
-    return (ref_rewards <= rewards.unsqueeze(-1)).to(torch.float64).mean(dim=-1)
 
 
 def transform_quantile_reward(quantile: torch.Tensor, transform: QRPOTransform, num_ref_rewards: int) -> torch.Tensor:
@@ -250,69 +240,9 @@ class QRPOConfig(TrainingArguments):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def qrpo_dataset_layout(dataset: Dataset, name: str = "train") -> Literal["paired", "unpaired"]:
-    """Check every row of a QRPO dataset and say which layout it has. Raises QRPODatasetError naming the row."""
-    columns = set(dataset.column_names)
-    layout, required = ("paired", PAIRED_COLUMNS) if "chosen" in columns else ("unpaired", UNPAIRED_COLUMNS)
-    missing = [column for column in required if column not in columns]
-    if missing:
-        raise QRPODatasetError(
-            f"The {name} dataset misses the columns {missing} of a {layout} QRPO dataset (it has "
-            f"{sorted(columns)}). Rows are either {{{', '.join(UNPAIRED_COLUMNS)}}} or "
-            f"{{{', '.join(PAIRED_COLUMNS)}}}; recipes/qrpo_prepare.py writes them."
-        )
-    if len(dataset) == 0:
-        raise QRPODatasetError(f"The {name} dataset has no rows.")
-
-    for row, value in enumerate(dataset["prompt"]):
-        if not value:
-            raise QRPODatasetError(f"Row {row} of the {name} dataset has an empty prompt; fill it in or drop the row.")
-    # An empty completion is a real sample (the policy stopped at once): it is scored on its end token.
-    for column in ("chosen", "rejected") if layout == "paired" else ("completion",):
-        for row, value in enumerate(dataset[column]):
-            if not isinstance(value, (str, list)):
-                raise QRPODatasetError(
-                    f"Row {row} of the {name} dataset has {column}={value!r}; it must be a string, or a list of "
-                    "assistant messages for chat prompts."
-                )
-    reward_columns = ("chosen_reward", "rejected_reward") if layout == "paired" else ("reward",)
-    for column in reward_columns:
-        for row, value in enumerate(dataset[column]):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise QRPODatasetError(
-                    f"Row {row} of the {name} dataset has {column}={value!r}; rewards must be finite numbers. Re-score "
-                    "or drop the row."
-                )
-    expected_count = None
-    for row, values in enumerate(dataset["ref_rewards"]):
-        if not isinstance(values, (list, tuple)) or len(values) == 0:
-            raise QRPODatasetError(
-                f"Row {row} of the {name} dataset has ref_rewards={values!r}; it must be a non-empty list of the "
-                "rewards of the reference completions sampled for its prompt."
-            )
-        if expected_count is None:
-            expected_count = len(values)
-        elif len(values) != expected_count:
-            raise QRPODatasetError(
-                f"Row {row} of the {name} dataset has {len(values)} ref_rewards, but row 0 has {expected_count}; every "
-                "prompt needs the same number n of reference rewards (sample n completions per prompt)."
-            )
-        for value in values:
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise QRPODatasetError(
-                    f"Row {row} of the {name} dataset has a ref_rewards entry {value!r}; rewards must be finite "
-                    "numbers. Re-score or drop the row."
-                )
-    return layout
-
-
 def reference_logps_column(member: str) -> str:
     """The dataset column of the reference log-probs of `member` (completion, chosen or rejected)."""
     return "ref_logps" if member == "completion" else f"ref_{member}_logps"
-
-
-def _is_conversational(prompt: Any) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
 
 
 def _common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
@@ -334,7 +264,7 @@ def tokenize_qrpo_row(
     completion starts where the two tokenizations diverge, so a merge across the boundary is never double-counted.
     """
     prompt = row["prompt"]
-    if _is_conversational(prompt):
+    if is_chat_prompt(prompt):
         prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
         full_ids = {
             column: tokenizer.apply_chat_template(prompt + row[column], tokenize=True, return_dict=False)
@@ -357,23 +287,22 @@ def tokenize_qrpo_row(
 
 @dataclass
 class DataCollatorForQRPO(DataCollatorMixin):
-    """Pads tokenized QRPO rows into one batch of completions (paired rows give all chosen, then all rejected).
+    """Pads tokenized QRPO rows of one `layout` into one batch of completions, member by member: every row's first
+    member (completion or chosen), then, for paired rows, every row's rejected one (`rows_of_batch` undoes this).
 
-    Returns `input_ids`, `attention_mask`, `completion_mask` (B*k, L), `rewards` (B*k,), `ref_rewards` (B*k, n),
-    `member` (B*k,: 0 for completion/chosen, 1 for rejected) and, when the rows carry them, `ref_logps` (B*k,). Sequences longer than `max_length` keep their start.
+    Returns `input_ids`, `attention_mask`, `completion_mask` (k*B, L), `rewards` (k*B,), `ref_rewards` (k*B, n),
+    `member` (k*B,: the member's index in `layout.members`) and, when the rows carry them, `ref_logps` (k*B,).
+    Sequences longer than `max_length` keep their start.
     """
 
     pad_token_id: int
+    layout: PreferenceLayout
     max_length: int | None = None
     return_tensors: str = "pt"
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        paired = "chosen_ids" in examples[0]
-        members = (
-            (("chosen", "chosen_reward"), ("rejected", "rejected_reward")) if paired else (("completion", "reward"),)
-        )
         sequences, completion_masks, rewards, ref_rewards, ref_logps = [], [], [], [], []
-        for member, reward_column in members:
+        for member, reward_column in zip(self.layout.members, self.layout.reward_columns, strict=True):
             for example in examples:
                 prompt_ids, completion_ids = example["prompt_ids"], example[f"{member}_ids"]
                 ids = list(prompt_ids) + list(completion_ids)
@@ -386,18 +315,26 @@ class DataCollatorForQRPO(DataCollatorMixin):
                 ref_rewards.append(example["ref_rewards"])
                 if reference_logps_column(member) in example:
                     ref_logps.append(example[reference_logps_column(member)])
-        length = max(len(ids) for ids in sequences)
+        input_ids, attention_mask = pad_token_rows(sequences, self.pad_token_id)
+        completion_mask, _ = pad_token_rows(completion_masks, 0)  # 0 on the padding, like the prompt
         batch = {
-            "input_ids": torch.tensor([ids + [self.pad_token_id] * (length - len(ids)) for ids in sequences]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in sequences]),
-            "completion_mask": torch.tensor([mask + [0] * (length - len(mask)) for mask in completion_masks]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "completion_mask": completion_mask,
             "rewards": torch.tensor(rewards, dtype=torch.float32),
             "ref_rewards": torch.tensor(ref_rewards, dtype=torch.float32),
-            "member": torch.arange(len(members)).repeat_interleave(len(examples)),
+            "member": torch.arange(len(self.layout.members)).repeat_interleave(len(examples)),
         }
         if ref_logps:
             batch["ref_logps"] = torch.tensor(ref_logps, dtype=torch.float32)
         return batch
+
+
+def rows_of_batch(values: torch.Tensor, layout: PreferenceLayout) -> torch.Tensor:
+    """Per-sequence values of a `DataCollatorForQRPO` batch, (k*B, ...), regrouped as (B, k, ...): one entry per
+    dataset row with its k members in `layout` order. `gather_for_metrics` trims the last batch by dataset rows, so
+    what it gathers must hold rows whole."""
+    return values.view(len(layout.members), -1, *values.shape[1:]).transpose(0, 1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -475,7 +412,9 @@ class QRPOTrainer(Trainer):
 
         self.ref_model = ref_model
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._layouts: dict[str, str] = {}
+        # One layout for the whole run, from the train dataset's columns: the collator stacks its members, the metrics
+        # regroup them, and every eval dataset must have it too.
+        self.layout = PreferenceLayout.of_columns(train_dataset.column_names, "train")
         train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {
@@ -488,7 +427,8 @@ class QRPOTrainer(Trainer):
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator or DataCollatorForQRPO(processing_class.pad_token_id, args.max_length),
+            data_collator=data_collator
+            or DataCollatorForQRPO(processing_class.pad_token_id, self.layout, args.max_length),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -513,23 +453,26 @@ class QRPOTrainer(Trainer):
         self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args: QRPOConfig, name: str
     ) -> Dataset:
         layout = qrpo_dataset_layout(dataset, name)
-        self._layouts[name] = layout
-        completion_columns = ("chosen", "rejected") if layout == "paired" else ("completion",)
-        ref_logp_columns = [reference_logps_column(column) for column in completion_columns]
-        reward_columns = ["chosen_reward", "rejected_reward"] if layout == "paired" else ["reward"]
+        if layout is not self.layout:
+            raise QRPODatasetError(
+                f"The {name} dataset is {layout} but the train dataset is {self.layout}; a trainer batches and logs one "
+                "layout. Give both the same one (recipes/qrpo_prepare.py writes paired rows with `selection: pairs`, "
+                "unpaired ones with `selection: all`)."
+            )
+        ref_logp_columns = [reference_logps_column(member) for member in layout.members]
         keep = [
-            *reward_columns,
+            *layout.reward_columns,
             "ref_rewards",
             *(column for column in ref_logp_columns if column in dataset.column_names),
         ]
         tokenized = dataset.map(
             tokenize_qrpo_row,
-            fn_kwargs={"tokenizer": tokenizer, "completion_columns": completion_columns},
+            fn_kwargs={"tokenizer": tokenizer, "completion_columns": layout.members},
             remove_columns=[column for column in dataset.column_names if column not in keep],
             num_proc=args.dataset_num_proc,
             desc=f"Tokenizing the {name} dataset",
         )
-        for column in completion_columns:
+        for column in layout.members:
             empty = [row for row, ids in enumerate(tokenized[f"{column}_ids"]) if not ids]
             if empty:
                 raise QRPODatasetError(
@@ -549,8 +492,7 @@ class QRPOTrainer(Trainer):
 
     def _with_reference_logps(self, dataset: Dataset, name: str) -> Dataset:
         """`dataset` with `ref_<member>_logps` columns, computed once by the reference policy when they are absent."""
-        members = ("chosen", "rejected") if self._layouts[name] == "paired" else ("completion",)
-        columns = [reference_logps_column(member) for member in members]
+        columns = [reference_logps_column(member) for member in self.layout.members]
         if all(column in dataset.column_names for column in columns):
             return dataset
         default_batch_size = (
@@ -585,9 +527,7 @@ class QRPOTrainer(Trainer):
                 disable=self.args.disable_tqdm or not self.accelerator.is_local_main_process,
             ):
                 logps = self._sequence_logps(reference, batch)
-                # (k*B,) -> (B, k): one row per dataset row, so gathering keeps rows whole.
-                per_row = logps.view(len(members), -1).T.contiguous()
-                values.append(self.accelerator.gather_for_metrics(per_row).cpu())
+                values.append(self.accelerator.gather_for_metrics(rows_of_batch(logps, self.layout)).cpu())
         reference.train(was_training)
         stacked = torch.cat(values)
         for index, column in enumerate(columns):
@@ -603,16 +543,10 @@ class QRPOTrainer(Trainer):
         if self._signature_columns is None:
             self._signature_columns = [
                 "prompt_ids",
-                "completion_ids",
-                "chosen_ids",
-                "rejected_ids",
-                "reward",
-                "chosen_reward",
-                "rejected_reward",
+                *(f"{member}_ids" for member in self.layout.members),
+                *self.layout.reward_columns,
                 "ref_rewards",
-                "ref_logps",
-                "ref_chosen_logps",
-                "ref_rejected_logps",
+                *(reference_logps_column(member) for member in self.layout.members),
             ]
 
     # -- loss -------------------------------------------------------------------------------------------------------
@@ -672,19 +606,20 @@ class QRPOTrainer(Trainer):
         per_sequence = torch.stack(
             [quantile, log_ratio, implied, target, betas, logps.float(), completion_lengths.float()], dim=-1
         )
-        # (k*B, m) -> (B, k, m): gather_for_metrics trims the last batch by dataset rows, so rows must stay whole.
-        members = int(inputs["member"].max().item()) + 1
-        per_row = per_sequence.view(members, -1, per_sequence.shape[-1]).transpose(0, 1).contiguous()
-        gathered = self.accelerator.gather_for_metrics(per_row)
+        gathered = self.accelerator.gather_for_metrics(rows_of_batch(per_sequence, self.layout))  # (B, k, m)
         names = ["quantile_reward", "log_ratio", "implied_reward", "target", "beta", "logps", "completion_length"]
-        for index, name in enumerate(names):
-            self._metrics[mode][name].append(gathered[..., index].mean().item())
-        if members == 2:
-            chosen, rejected = gathered[:, 0, 2], gathered[:, 1, 2]
-            self._metrics[mode]["implied_reward/chosen"].append(chosen.mean().item())
-            self._metrics[mode]["implied_reward/rejected"].append(rejected.mean().item())
-            self._metrics[mode]["implied_reward/margin"].append((chosen - rejected).mean().item())
-            self._metrics[mode]["implied_reward/accuracy"].append((chosen > rejected).float().mean().item())
+        metrics = dict(zip(names, gathered.mean(dim=(0, 1)).unbind(), strict=True))
+        if self.layout is PreferenceLayout.PAIRED:
+            chosen, rejected = gathered[..., names.index("implied_reward")].unbind(dim=1)
+            metrics |= {
+                "implied_reward/chosen": chosen.mean(),
+                "implied_reward/rejected": rejected.mean(),
+                "implied_reward/margin": (chosen - rejected).mean(),
+                "implied_reward/accuracy": (chosen > rejected).float().mean(),
+            }
+        values = torch.stack(list(metrics.values())).tolist()  # one device sync for all of them
+        for name, value in zip(metrics, values, strict=True):
+            self._metrics[mode][name].append(value)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -755,15 +690,13 @@ __all__ = [
     "QRPO_TRANSFORMS",
     "DataCollatorForQRPO",
     "QRPOConfig",
-    "QRPODatasetError",
     "QRPOTrainer",
     "beta_log_partition",
     "effective_beta",
-    "qrpo_dataset_layout",
     "qrpo_loss",
-    "quantile_rewards",
     "reference_logps_column",
     "regression_target",
+    "rows_of_batch",
     "tokenize_qrpo_row",
     "transform_quantile_reward",
 ]

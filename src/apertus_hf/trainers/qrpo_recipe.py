@@ -1,7 +1,7 @@
-"""The QRPO recipe behind `recipes/qrpo.py`: `QRPORecipeConfig` and `run_qrpo`.
+"""The QRPO recipe behind `recipes/qrpo.py`: `QRPO_RECIPE` (our `QRPOArguments` and `QRPOConfig`) and `run_qrpo`.
 
 It trains on the dataset `recipes/qrpo_prepare.py` writes (or any dataset with the same columns, see
-`apertus_hf.trainers.qrpo.qrpo_dataset_layout`), with the policy that sampled its reference completions.
+`apertus_hf.preference.qrpo_dataset_layout`), with the policy that sampled its reference completions.
 """
 
 from __future__ import annotations
@@ -11,19 +11,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .qrpo import QRPO_TRANSFORMS, QRPOConfig, QRPOTrainer
+from .qrpo import QRPO_CITATION, QRPOConfig, QRPOTrainer
 from .recipe import (
-    PostTrainingRecipeConfig,
-    PostTrainingRecipeError,
-    load_chat_tokenizer,
+    POST_TRAINING_CONFIG_DEFAULTS,
+    PostTrainingArguments,
+    PostTrainingRecipe,
+    chat_tokenizer,
     load_policy_model,
     load_post_training_dataset,
     optimizer_cls_and_kwargs,
     peft_config,
     resume_checkpoint,
-    save_post_trained_model,
-    training_arguments,
+    without_evaluation,
 )
+from .saving import save_post_trained_model
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +32,11 @@ RECIPE_FILE_NAME = "qrpo_config.yaml"
 
 
 @dataclass
-class QRPORecipeConfig(PostTrainingRecipeConfig):
-    """Every option of `recipes/qrpo.py`. The defaults are the embedded default run (recipes/configs/tiny/qrpo.yaml):
-    the tiny SFT model of `make sft` on the toy-reward data of `recipes/qrpo_prepare.py`'s default, on CPU."""
+class QRPOArguments(PostTrainingArguments):
+    """Our options of `recipes/qrpo.py` (the rest, beta and transform among them, are `QRPOConfig`'s). The defaults
+    are the embedded default run (recipes/configs/tiny/qrpo.yaml): the tiny SFT model of `make sft` on the toy-reward
+    data of `recipes/qrpo_prepare.py`'s default, on CPU."""
 
-    output_dir: str = field(default="outputs/qrpo-tiny", metadata={"help": "Folder of the run and the final model."})
     model_name_or_path: str = field(
         default="outputs/sft-tiny",
         metadata={
@@ -48,6 +49,9 @@ class QRPORecipeConfig(PostTrainingRecipeConfig):
             "help": "QRPO data: the folder recipes/qrpo_prepare.py writes, or files / a Hub id with its columns."
         },
     )
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of the rows held out for evaluation (no eval split in the data)."}
+    )
     ref_model_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -57,22 +61,29 @@ class QRPORecipeConfig(PostTrainingRecipeConfig):
             )
         },
     )
-    beta: float = field(default=5.0, metadata={"help": "KL strength; Apertus: 5 with length normalisation."})
-    transform: str = field(default="identity", metadata={"help": f"Quantile reward transform: {QRPO_TRANSFORMS}."})
-    length_normalize: bool = field(default=True, metadata={"help": "beta/|y| in every term (Apertus' variant)."})
-    max_normalized_beta: float = field(default=0.1, metadata={"help": "Cap on beta/|y|."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (Apertus: 5e-7 8B, 1e-7 70B)."})
-    num_train_epochs: float = field(default=4.0, metadata={"help": "Epochs over the training data."})
-    eval_fraction: float = field(
-        default=0.1, metadata={"help": "Fraction of the rows held out for evaluation (no eval split in the data)."}
-    )
-    per_device_train_batch_size: int = field(default=16, metadata={"help": "Rows per device and micro-batch."})
-    logging_steps: int = field(default=5, metadata={"help": "Log metrics every this many optimizer steps."})
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.transform not in QRPO_TRANSFORMS:
-            raise PostTrainingRecipeError(f"transform must be one of {QRPO_TRANSFORMS}, got {self.transform!r}.")
+
+QRPO_RECIPE = PostTrainingRecipe(
+    stage="qrpo",
+    arguments_class=QRPOArguments,
+    config_class=QRPOConfig,
+    config_defaults={
+        **POST_TRAINING_CONFIG_DEFAULTS,
+        "output_dir": "outputs/qrpo-tiny",
+        # Apertus: 5e-7 at 8B, 1e-7 at 70B; the tiny model moves at a larger one.
+        "learning_rate": 1e-3,
+        "num_train_epochs": 4.0,
+        "per_device_train_batch_size": 16,
+        "max_length": 1024,
+        "beta": 5.0,
+        "transform": "identity",
+        "length_normalize": True,
+        "max_normalized_beta": 0.1,
+        "eval_strategy": "epoch",
+    },
+    recipe_file_name=RECIPE_FILE_NAME,
+    config_docs="the docstring of apertus_hf.trainers.qrpo.QRPOConfig",
+)
 
 
 @dataclass
@@ -83,23 +94,19 @@ class QRPOResult:
     is_main_process: bool
 
 
-def run_qrpo(recipe: QRPORecipeConfig) -> QRPOResult:
-    """Train `recipe.model_name_or_path` with QRPO on `recipe.dataset`, save it, and return where it is."""
-    # The config first: under ZeRO-3 it makes `from_pretrained` load the weights already sharded.
-    args = training_arguments(
-        recipe,
-        QRPOConfig,
-        beta=recipe.beta,
-        transform=recipe.transform,
-        length_normalize=recipe.length_normalize,
-        max_normalized_beta=recipe.max_normalized_beta,
-        max_length=recipe.max_length,
-        eval_strategy="epoch" if recipe.eval_fraction > 0 or recipe.eval_dataset_split else "no",
-    )
-    train_dataset, eval_dataset = load_post_training_dataset(recipe)
-    tokenizer = load_chat_tokenizer(recipe)
+def run_qrpo(recipe: QRPOArguments, args: QRPOConfig) -> QRPOResult:
+    """Train `recipe.model_name_or_path` with QRPO on `recipe.dataset`, save it with its recipe and training facts,
+    and return where it is. Build `args` before calling (as `QRPO_RECIPE.configs` does): under ZeRO-3 the config
+    makes `from_pretrained` load the weights already sharded. It does not publish: recipes/qrpo.py does."""
+    args = without_evaluation(args, recipe.has_evaluation)
+    train_dataset, eval_dataset = load_post_training_dataset(recipe, args.seed)
+    tokenizer = chat_tokenizer(recipe)
     model = load_policy_model(recipe)
-    ref_model = load_policy_model(recipe, recipe.ref_model_name_or_path) if recipe.ref_model_name_or_path else None
+    ref_model = (
+        load_policy_model(recipe, recipe.ref_model_name_or_path, "ref_model_name_or_path")
+        if recipe.ref_model_name_or_path
+        else None
+    )
     trainer = QRPOTrainer(
         model,
         ref_model=ref_model,
@@ -108,16 +115,19 @@ def run_qrpo(recipe: QRPORecipeConfig) -> QRPOResult:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config(recipe),
-        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(recipe),
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(recipe, args),
     )
-    checkpoint = resume_checkpoint(recipe)
-    if checkpoint is not None:
-        logger.info("Resuming from %s", checkpoint)
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(recipe, args))
     metrics = dict(train_output.metrics)
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("all", metrics)
-    model_dir = save_post_trained_model(trainer, recipe, RECIPE_FILE_NAME)
-    return QRPOResult(Path(recipe.output_dir), model_dir, metrics, trainer.is_world_process_zero())
+    beta = f"beta {args.beta:g}"
+    if args.length_normalize:
+        beta += f" divided by the completion length (capped at {args.max_normalized_beta:g})"
+    method = {"QRPO": f"{beta}, transform {args.transform}"}
+    model_dir = save_post_trained_model(
+        trainer, QRPO_RECIPE, recipe, args, method_rows=method, citations=[QRPO_CITATION]
+    )
+    return QRPOResult(Path(args.output_dir), model_dir, metrics, trainer.is_world_process_zero())

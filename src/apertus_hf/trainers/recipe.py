@@ -1,45 +1,41 @@
-"""What the post-training recipes (SFT, QRPO, DPO) share: model, data, LoRA, optimizer and trainer options.
+"""What the post-training recipes (SFT, DPO, QRPO) share: their own options, how a recipe is parsed, and the builders.
 
-Each recipe's config dataclass extends `PostTrainingRecipeConfig` with its own fields, is filled by
-`apertus_hf.recipe_args.parse_recipe_args` (YAML + `--key value`), and turns into the TRL/`transformers` objects
-through the builders here: `training_arguments` (a TRL config such as `SFTConfig` or our `QRPOConfig`),
-`peft_config` (a PEFT `LoraConfig` or None), `optimizer_cls_and_kwargs` (AdEMAMix through `Trainer`'s own hook)
-and `load_post_training_dataset`.
+A recipe is two dataclasses, as in alignment-handbook's scripts: the trainer's TRL config (`SFTConfig`, `DPOConfig`,
+our `QRPOConfig`), which owns every `TrainingArguments` option (output_dir, learning_rate, warmup_steps, save_steps,
+hub_model_id, ...), and a small `PostTrainingArguments` with only what TRL has no field for: the model and tokenizer
+to load, the data, LoRA, AdEMAMix, resume and the license for the card. A YAML recipe and `--key value` overrides
+fill both (`PostTrainingRecipe.parse`), each key going to the class that has it; the recipe's own defaults for the
+TRL config (the embedded default runs) apply before the YAML.
+
+The builders turn the two into the pieces a TRL trainer takes: `peft_config` (a PEFT `LoraConfig` or None),
+`optimizer_cls_and_kwargs` (AdEMAMix through `Trainer`'s own hook), `load_post_training_dataset`,
+`load_policy_model` and `chat_tokenizer`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
-import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
-import yaml
-from accelerate import PartialState
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from peft import PeftModel
-from transformers import (
-    AutoModelForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    TrainingArguments,
-)
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..data.tables import load_dataset_splits
 from ..optim import AdEMAMix
-from ..runtime import check_attn_implementation, resolve_attn_implementation
-from ..tokenization import APERTUS_CHAT_TEMPLATE, APERTUS_TOKENIZER_NAME, NAMED_SPECIAL_TOKENS, load_tokenizer
-from ..tokenization.apertus import apertus_generation_config
-from ..tokenization.special_tokens import ASSISTANT_END_TOKEN_ID
+from ..recipe_args import read_recipe_args, recipe_configs_from_dict, recipe_help
+from ..runtime import check_attn_implementation, init_cpu_process_group, resolve_attn_implementation, resolve_source
+from ..tokenization import load_chat_tokenizer
 
 logger = logging.getLogger(__name__)
 
-TrainingArgumentsType = TypeVar("TrainingArgumentsType", bound=TrainingArguments)
-
-LOCAL_DATA_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+TRAINING_ARGUMENTS_DOCS = "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
 
 
 class PostTrainingRecipeError(ValueError):
@@ -47,16 +43,8 @@ class PostTrainingRecipeError(ValueError):
 
 
 @dataclass
-class PostTrainingRecipeConfig:
-    # Run
-    output_dir: str = field(
-        default="outputs/post-training",
-        metadata={"help": "Folder of the run: checkpoints, the final model (or LoRA adapter), logs and model card."},
-    )
-    seed: int = field(default=42, metadata={"help": "Seed of the data order, dropout and LoRA initialisation."})
-    resume: bool = field(
-        default=True, metadata={"help": "Resume from the newest checkpoint in output_dir when there is one."}
-    )
+class PostTrainingArguments:
+    """The options of a post-training recipe that its TRL config has no field for. The TRL config owns the rest."""
 
     # Model
     model_name_or_path: str = field(
@@ -106,11 +94,9 @@ class PostTrainingRecipeConfig:
     eval_fraction: float = field(
         default=0.0,
         metadata={
-            "help": "When there is no eval split: the fraction of the training rows held out for evaluation (0: none)."
+            "help": "When there is no eval split: the fraction of the training rows held out for evaluation (0: none). "
+            "Without evaluation data the run does not evaluate, whatever eval_strategy says."
         },
-    )
-    max_length: int | None = field(
-        default=1024, metadata={"help": "Longest tokenized sequence (prompt + completion); longer ones are truncated."}
     )
 
     # LoRA
@@ -127,45 +113,32 @@ class PostTrainingRecipeConfig:
         metadata={"help": "Modules that get adapters: 'all-linear' or names such as [q_proj, k_proj, v_proj, o_proj]."},
     )
 
-    # Optimisation
-    optimizer: Literal["adamw_torch", "ademamix"] = field(
-        default="adamw_torch",
-        metadata={"help": "adamw_torch, or ademamix (apertus_hf.optim.AdEMAMix, the optimizer of Apertus' SFT)."},
+    # Optimizer
+    use_ademamix: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Train with apertus_hf.optim.AdEMAMix (the optimizer of Apertus' SFT) instead of the `optim` of the "
+                "TRL config; it takes learning_rate, adam_beta1, adam_beta2, adam_epsilon and weight_decay from there."
+            )
+        },
     )
     ademamix_alpha: float = field(default=8.0, metadata={"help": "AdEMAMix alpha (weight of the slow EMA)."})
     ademamix_beta3: float = field(default=0.999, metadata={"help": "AdEMAMix beta3 (decay of the slow EMA)."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name."})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of the steps spent warming up."})
-    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (not on norms and biases)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training data."})
-    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1 lets num_train_epochs decide."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Rows per device and micro-batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    activation_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in the backward (gradient checkpointing)."}
-    )
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU)."})
 
-    # Logging, checkpoints, Hub
-    logging_steps: int = field(default=10, metadata={"help": "Log metrics every this many optimizer steps."})
-    save_steps: int = field(default=500, metadata={"help": "Checkpoint every this many optimizer steps."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (oldest removed first)."})
-    report_to: list[str] = field(
-        default_factory=list, metadata={"help": "Trackers for transformers' integrations, e.g. [tensorboard]."}
-    )
-    hub_model_id: str | None = field(
-        default=None, metadata={"help": "Push the final model and its model card to this Hub repo (user/name)."}
-    )
-    hub_private_repo: bool = field(default=True, metadata={"help": "Create the Hub repo private."})
-    trainer_args: dict[str, Any] = field(
-        default_factory=dict,
+    # Run
+    resume: bool = field(
+        default=True,
         metadata={
-            "help": (
-                "Any other field of the trainer's TrainingArguments/TRL config, passed through as is, e.g. "
-                "{eval_steps: 50, dataloader_num_workers: 2}."
-            )
+            "help": "Resume from the newest checkpoint in output_dir when there is one (resume_from_checkpoint names "
+            "another one)."
+        },
+    )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub license id of the trained model for its card (e.g. apache-2.0); None: unknown, and the card "
+            "says so. Mind the licenses of the base model and the data."
         },
     )
 
@@ -176,67 +149,135 @@ class PostTrainingRecipeConfig:
             raise PostTrainingRecipeError(str(error)) from None
         if not 0.0 <= self.eval_fraction < 1.0:
             raise PostTrainingRecipeError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise PostTrainingRecipeError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         if self.use_lora and self.lora_r < 1:
             raise PostTrainingRecipeError(f"lora_r must be >= 1 with use_lora, got {self.lora_r}.")
 
-
-def training_arguments(
-    recipe: PostTrainingRecipeConfig, arguments_class: type[TrainingArgumentsType], **recipe_specific: Any
-) -> TrainingArgumentsType:
-    """The trainer config (`SFTConfig`, `DPOConfig`, `QRPOConfig`, ...) for `recipe`; build it before the model, so
-    that under ZeRO-3 `from_pretrained` loads the weights already sharded.
-
-    The shared recipe fields map onto `TrainingArguments`; `recipe_specific` adds the trainer's own fields; then
-    `recipe.trainer_args` is applied on top, so anything the trainer supports can be set from the YAML.
-    """
-    values: dict[str, Any] = {"dataloader_pin_memory": torch.cuda.is_available()}  # on CPU pinning only warns
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Processes on CPU talk through gloo, and the state must exist before the config, which otherwise builds its
-        # own: DeepSpeed would pick a backend this torch lacks, and plain DDP would not form a group (in both cases
-        # each rank trains alone). DeepSpeed needs the backend named; DDP needs the state told it runs on CPU.
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            PartialState(backend="gloo")
-        else:
-            PartialState(cpu=True)
-        values["accelerator_config"] = {"use_configured_state": True}
-    values |= {
-        "output_dir": recipe.output_dir,
-        "seed": recipe.seed,
-        "learning_rate": recipe.learning_rate,
-        "lr_scheduler_type": recipe.lr_scheduler_type,
-        "warmup_steps": recipe.warmup_ratio,
-        "weight_decay": recipe.weight_decay,
-        "max_grad_norm": recipe.max_grad_norm,
-        "num_train_epochs": recipe.num_train_epochs,
-        "max_steps": recipe.max_steps,
-        "per_device_train_batch_size": recipe.per_device_train_batch_size,
-        "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
-        "activation_checkpointing": recipe.activation_checkpointing,
-        "gradient_checkpointing": None,  # the deprecated alias; TRL configs default it to True
-        "bf16": recipe.bf16,
-        "logging_steps": recipe.logging_steps,
-        "save_steps": recipe.save_steps,
-        "save_total_limit": recipe.save_total_limit,
-        "report_to": list(recipe.report_to) or "none",
-        "push_to_hub": recipe.hub_model_id is not None,
-        "hub_model_id": recipe.hub_model_id,
-        "hub_private_repo": recipe.hub_private_repo,
-        **recipe_specific,
-    }
-    known = {entry.name for entry in dataclasses.fields(arguments_class)}
-    unknown = sorted(set(recipe.trainer_args) - known)
-    if unknown:
-        raise PostTrainingRecipeError(
-            f"trainer_args has {unknown}, which {arguments_class.__name__} does not have; see its documentation for "
-            "the fields it takes."
-        )
-    values.update(recipe.trainer_args)
-    return arguments_class(**{key: value for key, value in values.items() if key in known})
+    @property
+    def has_evaluation(self) -> bool:
+        """Whether the recipe's data has evaluation rows (an eval split, or a held-out fraction)."""
+        return self.eval_dataset_split is not None or self.eval_fraction > 0
 
 
-def peft_config(recipe: PostTrainingRecipeConfig):
+# What the post-training recipes set in their TRL config where the class's default does not suit them (written out
+# as before the TRL config owned these options); each recipe adds its own on top.
+POST_TRAINING_CONFIG_DEFAULTS: dict[str, Any] = {
+    "seed": 42,
+    "learning_rate": 1e-4,
+    "lr_scheduler_type": "linear",
+    # transformers reads a warmup_steps below 1 as the fraction of the steps spent warming up.
+    "warmup_steps": 0.03,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "num_train_epochs": 1.0,
+    "max_steps": -1,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    # TRL's configs default to gradient checkpointing and bf16; a CPU default run wants neither.
+    "activation_checkpointing": False,
+    "bf16": False,
+    "logging_steps": 5,
+    "save_steps": 500,
+    "save_total_limit": 2,
+    "report_to": "none",
+    "hub_model_id": None,
+    "hub_private_repo": None,
+}
+
+# The recipes publish with apertus_hf's card after training (recipes/*.py); the trainer never pushes.
+HUB_OPTIONS_HELP = {
+    "hub_model_id": "After training, publish the final model (output_dir, or output_dir/merged under LoRA) with "
+    "apertus_hf's model card to this Hub repo (ORG/NAME). The trainer itself never pushes (push_to_hub is refused).",
+    "hub_private_repo": "Visibility of the Hub repo when the recipe creates it: true, false, or null for the "
+    "namespace's default.",
+}
+
+# The default TRL config of each recipe, by stage, as `PostTrainingRecipe.default_config_values` returns it.
+_DEFAULT_CONFIG_VALUES: dict[str, dict[str, Any]] = {}
+
+
+def plain_value(value: Any) -> Any:
+    """An option's value as YAML writes it: enums by value, dataclasses (AcceleratorConfig) as mappings."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {key: plain_value(item) for key, item in dataclasses.asdict(value).items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain_value(item) for key, item in value.items()}
+    return value
+
+
+ArgumentsType = TypeVar("ArgumentsType", bound=PostTrainingArguments)
+ConfigType = TypeVar("ConfigType", bound=TrainingArguments)
+
+
+@dataclass(frozen=True)
+class PostTrainingRecipe(Generic[ArgumentsType, ConfigType]):
+    """One post-training recipe: its stage, its two option classes, its defaults for the TRL config, and where the
+    docs of the TRL config are."""
+
+    stage: Literal["sft", "dpo", "qrpo"]
+    arguments_class: type[ArgumentsType]
+    config_class: type[ConfigType]
+    config_defaults: Mapping[str, Any]
+    recipe_file_name: str
+    """The file in output_dir that holds the resolved recipe; `--config` loads it again."""
+    config_docs: str
+
+    def configs(
+        self, values: Mapping[str, Any] | None = None, source: str | Mapping[str, str] = "the recipe"
+    ) -> tuple[ArgumentsType, ConfigType]:
+        """(recipe arguments, TRL config) from `values` (keys of either class) over the recipe's defaults.
+
+        Sets up the CPU process group of a multi-process CPU run first, since the TRL config sets up the devices, and
+        has the config use it.
+        """
+        # Before the run's config: transformers points its global DeepSpeed config at the newest TrainingArguments
+        # (a weak reference), so a default config built later would take the place of the run's.
+        self.default_config_values()
+        return self._build(values or {}, source)
+
+    def default_config_values(self) -> dict[str, Any]:
+        """The options of the recipe's default TRL config, as this machine resolves them, in plain values."""
+        if self.stage not in _DEFAULT_CONFIG_VALUES:
+            _, args = self._build({}, "the recipe")
+            _DEFAULT_CONFIG_VALUES[self.stage] = {
+                option.name: plain_value(getattr(args, option.name))
+                for option in dataclasses.fields(args)
+                if option.init
+            }
+        return _DEFAULT_CONFIG_VALUES[self.stage]
+
+    def _build(self, values: Mapping[str, Any], source: str | Mapping[str, str]) -> tuple[ArgumentsType, ConfigType]:
+        values = dict(values)
+        sources = dict.fromkeys(self.config_defaults, "the recipe's defaults")
+        sources.update(dict.fromkeys(values, source) if isinstance(source, str) else source)
+        runtime: dict[str, Any] = {"dataloader_pin_memory": torch.cuda.is_available()}  # on CPU pinning only warns
+        if init_cpu_process_group():
+            given = values.get("accelerator_config")
+            values["accelerator_config"] = {**(given if isinstance(given, dict) else {}), "use_configured_state": True}
+        classes = (self.arguments_class, self.config_class)
+        recipe, args = recipe_configs_from_dict(classes, {**runtime, **self.config_defaults, **values}, sources)
+        if args.push_to_hub:
+            raise PostTrainingRecipeError(
+                "push_to_hub would make the trainer upload TRL's model card with every save; set hub_model_id only: "
+                "the recipe publishes the final model with apertus_hf's card (apertus_hf.hub.publish)."
+            )
+        return recipe, args
+
+    def parse(
+        self, argv: Sequence[str] | None = None, description: str | None = None
+    ) -> tuple[ArgumentsType, ConfigType]:
+        """(recipe arguments, TRL config) from `--config recipe.yaml` and `--key value` (default: sys.argv[1:]).
+        `--help` prints the options: ours, then those of the TRL config that the recipe sets or the class adds."""
+        documentation = {self.config_class: f"{self.config_docs} (and TrainingArguments': {TRAINING_ARGUMENTS_DOCS})"}
+        classes = [self.arguments_class, self.config_class]
+        help_text = recipe_help(classes, self.config_defaults, documentation, description, HUB_OPTIONS_HELP)
+        return self.configs(*read_recipe_args(argv, help_text))
+
+
+def peft_config(recipe: PostTrainingArguments):
     """The PEFT `LoraConfig` of `recipe`, or None without `use_lora`."""
     if not recipe.use_lora:
         return None
@@ -251,27 +292,38 @@ def peft_config(recipe: PostTrainingRecipeConfig):
     )
 
 
-def optimizer_cls_and_kwargs(recipe: PostTrainingRecipeConfig) -> tuple[type, dict[str, Any]] | None:
-    """`Trainer(optimizer_cls_and_kwargs=...)` for AdEMAMix, or None to keep the trainer's own optimizer.
+def optimizer_cls_and_kwargs(recipe: PostTrainingArguments, args: TrainingArguments) -> tuple[type, dict] | None:
+    """`Trainer(optimizer_cls_and_kwargs=...)` for AdEMAMix, or None to keep the optimizer `args.optim` names.
 
-    Through this hook `Trainer` still builds the parameter groups (no weight decay on norms and biases) after PEFT
+    Through this hook `Trainer` still builds the parameter groups (weight_decay, none on norms and biases) after PEFT
     and DeepSpeed have wrapped the model, so AdEMAMix works in every setting the stock optimizers do.
     """
-    if recipe.optimizer != "ademamix":
+    if not recipe.use_ademamix:
         return None
     # `Trainer` passes these kwargs as they are: without `lr` the optimizer would keep its own default, and the
     # scheduler would scale that instead of the recipe's learning rate.
     return AdEMAMix, {
-        "lr": recipe.learning_rate,
+        "lr": args.learning_rate,
         "alpha": recipe.ademamix_alpha,
-        "betas": (0.9, 0.999, recipe.ademamix_beta3),
+        "betas": (args.adam_beta1, args.adam_beta2, recipe.ademamix_beta3),
+        "eps": args.adam_epsilon,
     }
 
 
-def load_post_training_dataset(recipe: PostTrainingRecipeConfig) -> tuple[Dataset, Dataset | None]:
+def without_evaluation(args: ConfigType, has_evaluation: bool) -> ConfigType:
+    """`args`, with evaluation turned off when there are no evaluation rows (the recipes' defaults evaluate, and
+    `Trainer` refuses an eval_strategy without an eval dataset)."""
+    if has_evaluation or (args.eval_strategy == "no" and not args.eval_on_start):
+        return args
+    logger.info("No evaluation data (eval_dataset_split, eval_fraction): the run does not evaluate.")
+    return dataclasses.replace(args, eval_strategy="no", eval_on_start=False)
+
+
+def load_post_training_dataset(recipe: PostTrainingArguments, seed: int) -> tuple[Dataset, Dataset | None]:
     """(train, eval) datasets of `recipe`: local files, a `save_to_disk` folder, or a Hub id.
 
-    Without an eval split, `eval_fraction` of the training rows (seeded) are held out; with neither, eval is None.
+    Without an eval split, `eval_fraction` of the training rows (shuffled with `seed`) are held out; with neither, eval
+    is None.
     """
     if not recipe.dataset:
         raise PostTrainingRecipeError("No dataset: set `dataset` to a data file, a folder or a Hub dataset id.")
@@ -294,141 +346,50 @@ def load_post_training_dataset(recipe: PostTrainingRecipeConfig) -> tuple[Datase
                 f"{recipe.dataset} has {len(train)} row(s), too few to hold out eval_fraction={recipe.eval_fraction} "
                 "for evaluation; set eval_fraction: 0 or give more rows."
             )
-        held_out = train.train_test_split(test_size=recipe.eval_fraction, seed=recipe.seed)
+        held_out = train.train_test_split(test_size=recipe.eval_fraction, seed=seed)
         return held_out["train"], held_out["test"]
     return train, None
 
 
-def load_dataset_splits(source: str) -> DatasetDict:
-    path = Path(source)
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        loaded = load_from_disk(str(path))
-        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(file for file in path.iterdir() if file.suffix in LOCAL_DATA_FORMATS)
-        if not files:
-            raise PostTrainingRecipeError(
-                f"{path} holds no {'/'.join(LOCAL_DATA_FORMATS)} files and is not a `save_to_disk` folder."
-            )
-    else:
-        if source.startswith((".", "/")) or source.count("/") > 1:
-            raise PostTrainingRecipeError(f"Dataset {source} does not exist (neither a local path nor a Hub id).")
-        return load_dataset(source)
-    formats = {LOCAL_DATA_FORMATS.get(file.suffix) for file in files}
-    if None in formats or len(formats) != 1:
-        raise PostTrainingRecipeError(
-            f"Data files {[file.name for file in files]} must share one format among {sorted(LOCAL_DATA_FORMATS)}."
+def check_model_source(source: str, what: str = "model_name_or_path") -> str:
+    """`source` as `from_pretrained` takes it, checked by `runtime.resolve_source` with the post-training hint."""
+    return str(
+        resolve_source(
+            source,
+            what,
+            "The default is the model `make pretrain` exports; run it first, or set it to a model folder or Hub id.",
         )
-    if path.is_dir():
-        # datasets names the splits after the files (train.jsonl, test.jsonl, validation.jsonl, ...); a folder of
-        # other names (a corpus split by language) is all "train".
-        return load_dataset(formats.pop(), data_dir=str(path))
-    return load_dataset(formats.pop(), data_files={"train": [str(path)]})
+    )
 
 
-def load_policy_model(recipe: PostTrainingRecipeConfig, name_or_path: str | None = None) -> PreTrainedModel:
-    """The causal LM `recipe` trains (or `name_or_path`), through the Auto classes (so ours for `apertus`)."""
-    source = name_or_path or recipe.model_name_or_path
-    check_model_source(source)
+def load_policy_model(
+    recipe: PostTrainingArguments, name_or_path: str | None = None, what: str = "model_name_or_path"
+) -> PreTrainedModel:
+    """The causal LM `recipe` trains (or `name_or_path`, the option `what`), through the Auto classes (so ours for
+    `apertus`)."""
+    source = check_model_source(name_or_path or recipe.model_name_or_path, what)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return AutoModelForCausalLM.from_pretrained(
         source, dtype=recipe.dtype, attn_implementation=resolve_attn_implementation(recipe.attn_implementation, device)
     )
 
 
-def load_chat_tokenizer(recipe: PostTrainingRecipeConfig) -> PreTrainedTokenizerBase:
-    """The recipe's tokenizer; it must have a chat template and a pad token."""
-    source = recipe.tokenizer_name_or_path or recipe.model_name_or_path
-    if source != APERTUS_TOKENIZER_NAME:
-        check_model_source(source)
-    tokenizer = load_tokenizer(source)
-    if not tokenizer.chat_template and has_apertus_special_tokens(tokenizer):
-        # Tokenizers saved before the template existed have the Apertus chat tokens at the Apertus ids, so the
-        # Apertus template renders correctly with them.
-        logger.info("The tokenizer of %s has no chat template; using the Apertus one.", source)
-        tokenizer.chat_template = APERTUS_CHAT_TEMPLATE
-    if not tokenizer.chat_template:
-        raise PostTrainingRecipeError(
-            f"The tokenizer of {source} has no chat template. Use a tokenizer saved by apertus_hf (data/tokenizer or "
-            "apertus_hf.tokenization.load_apertus_tokenizer()), or set tokenizer_name_or_path to one."
-        )
-    if tokenizer.pad_token_id is None:
-        raise PostTrainingRecipeError(f"The tokenizer of {source} has no pad token; set tokenizer.pad_token.")
-    return tokenizer
+def chat_tokenizer(recipe: PostTrainingArguments) -> PreTrainedTokenizerBase:
+    """The recipe's tokenizer (tokenizer_name_or_path, else the model's); it must have a chat template and a pad
+    token."""
+    if recipe.tokenizer_name_or_path:
+        return load_chat_tokenizer(recipe.tokenizer_name_or_path, "tokenizer_name_or_path")
+    return load_chat_tokenizer(check_model_source(recipe.model_name_or_path), "model_name_or_path")
 
 
-def has_apertus_special_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether `tokenizer` has every named Apertus special token at its Apertus id (the ids of the Hub's
-    swiss-ai/Apertus-8B-Instruct-2509 tokenizer_config.json)."""
-    vocab = tokenizer.get_vocab()
-    return all(vocab.get(token) == token_id for token_id, token in NAMED_SPECIAL_TOKENS.items())
-
-
-def resume_checkpoint(recipe: PostTrainingRecipeConfig) -> str | None:
-    """The checkpoint to resume from: the newest in output_dir when `resume` is on, else None."""
-    if not recipe.resume or not Path(recipe.output_dir).is_dir():
+def resume_checkpoint(recipe: PostTrainingArguments, args: TrainingArguments) -> str | None:
+    """The checkpoint to resume from: `resume_from_checkpoint` when set, else the newest in output_dir when `resume`
+    is on, else None."""
+    if args.resume_from_checkpoint:
+        return args.resume_from_checkpoint
+    if not recipe.resume or not Path(args.output_dir).is_dir():
         return None
-    return get_last_checkpoint(recipe.output_dir)
-
-
-def check_model_source(source: str) -> None:
-    looks_local = source.startswith((".", "/")) or source.count("/") != 1 or Path(source).parts[0] == "outputs"
-    if looks_local and not Path(source).is_dir():
-        raise PostTrainingRecipeError(
-            f"Model folder {source} does not exist. The default is the model `make pretrain` exports; run it first, "
-            "or set model_name_or_path to a model folder or Hub id."
-        )
-
-
-MERGED_FOLDER_NAME = "merged"
-
-
-def chat_generation_config(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel):
-    """The generation config of a post-trained model: Apertus' (stop on `</s>`, `<|assistant_end|>`,
-    `<|tools_suffix|>`; temperature 0.8, top_p 0.9) when the tokenizer has the Apertus chat tokens, else the model's."""
-    if has_apertus_special_tokens(tokenizer):
-        return apertus_generation_config()
-    return model.generation_config
-
-
-def save_post_trained_model(trainer, recipe: PostTrainingRecipeConfig, recipe_file_name: str) -> Path:
-    """Save the final model (the adapter under LoRA) with its tokenizer, chat generation config and the recipe into
-    output_dir; under LoRA with `merge_lora` also the merged model into output_dir/merged; push when `hub_model_id`.
-
-    A model trained on the Apertus chat format ends its turns with `<|assistant_end|>`, so that is its config's EOS
-    (as in the released Apertus instruct models) and one of its generation stop tokens.
-
-    Returns the folder a plain `transformers` user loads: output_dir, or output_dir/merged under LoRA.
-    """
-    output_dir = Path(recipe.output_dir)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    generation_config = chat_generation_config(trainer.processing_class, model)
-    instruct = has_apertus_special_tokens(trainer.processing_class)
-    model.generation_config = generation_config
-    if instruct:
-        model.config.eos_token_id = ASSISTANT_END_TOKEN_ID
-    trainer.save_model(str(output_dir))
-    plain_model_dir = output_dir
-    if trainer.is_world_process_zero():
-        trainer.processing_class.save_pretrained(output_dir)
-        generation_config.save_pretrained(output_dir)
-        (output_dir / recipe_file_name).write_text(
-            yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False, allow_unicode=True)
-        )
-    if recipe.use_lora and recipe.merge_lora:
-        plain_model_dir = output_dir / MERGED_FOLDER_NAME
-        if trainer.is_world_process_zero():
-            # From the files just saved rather than the live model: under ZeRO-3 the live weights are shards.
-            merged = AutoModelForCausalLM.from_pretrained(recipe.model_name_or_path, dtype=recipe.dtype)
-            merged = PeftModel.from_pretrained(merged, output_dir).merge_and_unload()
-            merged.generation_config = generation_config
-            if instruct:
-                merged.config.eos_token_id = ASSISTANT_END_TOKEN_ID
-            merged.save_pretrained(plain_model_dir)
-            trainer.processing_class.save_pretrained(plain_model_dir)
-    if recipe.hub_model_id is not None:
-        trainer.push_to_hub()
-    trainer.accelerator.wait_for_everyone()
-    return plain_model_dir
+    checkpoint = get_last_checkpoint(args.output_dir)
+    if checkpoint is not None:
+        logger.info("Resuming from %s", checkpoint)
+    return checkpoint

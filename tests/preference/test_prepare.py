@@ -14,21 +14,25 @@ import torch
 import yaml
 from datasets import load_from_disk
 
-from apertus_hf.recipe_args import recipe_config_from_dict
-from apertus_hf.trainers.qrpo import PAIRED_COLUMNS, UNPAIRED_COLUMNS, qrpo_dataset_layout, quantile_rewards
-from apertus_hf.trainers.qrpo_data import (
+from apertus_hf.preference import (
+    PAIRED_COLUMNS,
     STATS_FILE_NAME,
+    UNPAIRED_COLUMNS,
     QRPOPrepareConfig,
     QRPOPrepareError,
     build_qrpo_rows,
     load_prompts,
     load_reward,
     prepare_qrpo_dataset,
+    qrpo_dataset_layout,
+    quantile_rewards,
     score_completions,
     select_pair,
 )
-from apertus_hf.trainers.rewards import answer_similarity
-from apertus_hf.trainers.sampling import generate_completions, sample_completions, sampling_config
+from apertus_hf.preference.rewards import answer_similarity
+from apertus_hf.preference.sampling import generate_completions, sample_completions, sampling_config
+from apertus_hf.recipe_args import recipe_config_from_dict
+from apertus_hf.runtime import SourceNotFoundError
 from tests.trainers.tiny_policy import (
     CHAT_ROWS,
     STRING_PROMPTS,
@@ -145,14 +149,14 @@ def reward_from_column(prompts, completions, target, **kwargs):
 
 
 def test_reward_function_by_import_path_gets_kwargs_and_columns():
-    reward = load_reward(None, "apertus_hf.trainers.rewards:answer_similarity", {"ignore_case": True})
+    reward = load_reward(None, "apertus_hf.preference.rewards:answer_similarity", {"ignore_case": True})
     chat = [[[{"role": "assistant", "content": "BLUE."}], [{"role": "assistant", "content": "Red."}]]]
     (scores,) = score_completions(reward, [CHAT_PROMPTS[0]], chat, columns={"answer": ["Blue."]})
     assert scores[0] == 1.0 and 0 < scores[1] < 1
-    frequency = load_reward(None, "apertus_hf.trainers.rewards:substring_frequency", {"substring": "ab"})
+    frequency = load_reward(None, "apertus_hf.preference.rewards:substring_frequency", {"substring": "ab"})
     assert score_completions(frequency, ["p"], [["abab", "xxab", ""]]) == [[1.0, 0.5, 0.0]]
 
-    by_column = load_reward(None, "tests.trainers.test_qrpo_prepare:reward_from_column", {})
+    by_column = load_reward(None, "tests.preference.test_prepare:reward_from_column", {})
     rewards = score_completions(
         by_column, ["a", "b"], [["x", "y"], ["y", "x"]], columns={"target": ["x", "x"]}, batch_size=2
     )
@@ -176,10 +180,10 @@ def test_prompts_drop_the_final_answer_and_pass_it_on(tmp_path):
 @pytest.mark.parametrize(
     ("path", "message"),
     [
-        ("apertus_hf.trainers.rewards.substring_frequency", "not an import path"),
+        ("apertus_hf.preference.rewards.substring_frequency", "not an import path"),
         ("apertus_hf.no_such_module:reward", "cannot import module 'apertus_hf.no_such_module'"),
-        ("apertus_hf.trainers.rewards:no_such_reward", "has no attribute 'no_such_reward'"),
-        ("apertus_hf.trainers.rewards:__doc__", "is a str, not a function"),
+        ("apertus_hf.preference.rewards:no_such_reward", "has no attribute 'no_such_reward'"),
+        ("apertus_hf.preference.rewards:__doc__", "is a str, not a function"),
     ],
 )
 def test_bad_reward_paths_say_what_is_wrong(path, message):
@@ -336,8 +340,18 @@ def test_bad_inputs_fail_before_sampling_with_the_fix(tmp_path, policy_dir, chat
     assert not (tmp_path / "qrpo-data").exists()
 
 
+def test_missing_model_folders_name_their_option_before_sampling(tmp_path, policy_dir, chat_prompts_file):
+    missing = str(tmp_path / "outputs" / "no-such-model")
+    with pytest.raises(SourceNotFoundError, match=r"model_name_or_path='.*no-such-model': no such file or folder"):
+        prepare_qrpo_dataset(prepare_config(tmp_path, chat_prompts_file, missing))
+    reward_model = dict(reward_model=missing, reward_function=None)
+    with pytest.raises(SourceNotFoundError, match=r"reward_model='.*no-such-model': no such file or folder"):
+        prepare_qrpo_dataset(prepare_config(tmp_path, chat_prompts_file, policy_dir, **reward_model))
+    assert not (tmp_path / "qrpo-data").exists()
+
+
 def test_nan_rewards_name_the_prompt(tmp_path, policy_dir, chat_prompts_file):
-    reward = "tests.trainers.test_qrpo_prepare:nan_for_third_prompt"
+    reward = "tests.preference.test_prepare:nan_for_third_prompt"
     config = prepare_config(
         tmp_path, chat_prompts_file, policy_dir, reward_function=reward, reward_kwargs={}, max_new_tokens=2
     )

@@ -10,7 +10,7 @@ the same for a given (seed, batch_size) whatever the number of processes, since 
 are shared out with `PartialState.split_between_processes` and gathered back in order. They do change with
 `batch_size`: `generate` draws every row of a batch from one random stream, so another batching gives different (but
 equally valid) samples. Greedy decoding (temperature 0) does not depend on the batching. Without a GPU, processes
-only form a group if the state is created as `PartialState(cpu=True)` first (`prepare_qrpo_dataset` does).
+only form a group once `runtime.init_cpu_process_group()` has set it up (`prepare_qrpo_dataset` calls it).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..data.padding import pad_token_rows
 from ..tokenization.special_tokens import ASSISTANT_END_TOKEN_ID, SPECIAL_TOKENS, TOOLS_SUFFIX_TOKEN_ID
 
 # A chat prompt is a list of {"role": ..., "content": ...} messages; anything else must be a string.
@@ -221,12 +222,8 @@ def _generate_batch(
     stops: set[int],
     tokenizer: PreTrainedTokenizerBase,
 ) -> list[Completion]:
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), config.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        input_ids[index, width - len(row) :] = torch.tensor(row)
-        attention_mask[index, width - len(row) :] = 1
+    input_ids, attention_mask = pad_token_rows(rows, config.pad_token_id, padding_side="left")
+    width = input_ids.shape[1]
     generated = model.generate(
         input_ids=input_ids.to(model.device),
         attention_mask=attention_mask.to(model.device),

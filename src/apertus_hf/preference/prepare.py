@@ -1,26 +1,18 @@
 """The QRPO data pipeline: reference completions, their rewards, and the dataset the QRPO trainer (and DPO) reads.
 
 QRPO (Apertus tech report, arXiv 2509.14233, §4.3 'Preference Alignment'; arXiv 2507.08068) needs, for every prompt,
-the rewards of n completions sampled from the reference
-policy (the SFT model, at temperature 1): a training completion's quantile reward is the fraction of those reference
-rewards at or below its own. `prepare_qrpo_dataset` samples the n completions of each prompt
-(`sampling.generate_completions`), scores them with a reward model folder or a Python reward function
-(`load_reward`), and saves the rows the trainer reads:
-
-- `selection: all`: every sample becomes an unpaired row {prompt, completion, reward, ref_rewards}, n rows a prompt.
-- `selection: pairs` (what Apertus did): one paired row a prompt {prompt, chosen, rejected, chosen_reward,
-  rejected_reward, ref_rewards}. The chosen sample has quantile reward 1 (a reward >= every reference reward); the
-  rejected one a quantile reward below `rejected_quantile` (0.2: below the 20th percentile); each is picked at random
-  (seeded) among the samples that qualify. A prompt without a sample that qualifies as rejected (all rewards tied,
-  say) is skipped and counted.
+the rewards of n completions sampled from the reference policy (the SFT model, at temperature 1): a training
+completion's quantile reward is the fraction of those reference rewards at or below its own. `prepare_qrpo_dataset`
+samples the n completions of each prompt (`sampling.generate_completions`), scores them with a reward model folder or
+a Python reward function (`scoring.load_reward`), keeps every sample or one pair a prompt (`selection`) and saves the
+rows in a layout of `schema`.
 
 The training completions are the reference samples themselves and `ref_rewards` holds all n rewards, each
 completion's own included. That is how the QRPO paper built its datasets (training completions picked among the
-reference completions, whose rewards are the reference rewards) and what the Apertus tech report (arXiv 2509.14233)
-§4.3 'Preference Alignment' describes; a separate pool of
-candidates scored against the references would cost more samples for the same rows and is in neither. A consequence:
-a completion counts itself, so its quantile reward is at least 1/n, and `pairs` needs n > 1 / rejected_quantile
-(n >= 6 for 0.2).
+reference completions, whose rewards are the reference rewards) and what the Apertus tech report §4.3 describes; a
+separate pool of candidates scored against the references would cost more samples for the same rows and is in
+neither. A consequence: a completion counts itself, so its quantile reward is at least 1/n, and `pairs` needs
+n > 1 / rejected_quantile (n >= 6 for 0.2).
 
 Rewards follow TRL's reward-function convention, `reward(prompts, completions, **kwargs) -> list[float]`, where the
 keyword arguments are the other columns of the prompt dataset and, for conversations that ended with an assistant
@@ -34,43 +26,34 @@ typical answers.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
-import math
-import operator
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from ..runtime import check_attn_implementation, resolve_attn_implementation
-from .qrpo import PAIRED_COLUMNS, UNPAIRED_COLUMNS, quantile_rewards
-from .recipe import check_model_source, load_chat_tokenizer, load_dataset_splits
+from ..data.tables import load_dataset_splits
+from ..runtime import check_attn_implementation, init_cpu_process_group, resolve_attn_implementation, resolve_source
+from ..tokenization import load_chat_tokenizer, load_tokenizer
+from .errors import QRPOPrepareError
 from .sampling import Completion, Prompt, generate_completions, is_chat_prompt
+from .schema import PreferenceLayout
+from .scoring import check_reward_choice, import_reward_function, load_reward, resolve_reward_model, score_completions
+from .selection import build_qrpo_rows, stored_completion
 
 logger = logging.getLogger(__name__)
 
 STATS_FILE_NAME = "prepare_stats.json"
 # The reward-function keyword that carries the final assistant answers dropped from conversation prompts.
 ANSWER_COLUMN = "answer"
-
-# A reward in TRL's convention: reward(prompts, completions, **kwargs) -> one float per completion.
-RewardFunction = Callable[..., Sequence[float]]
-
-
-class QRPOPrepareError(ValueError):
-    """An option or input of the QRPO data pipeline that cannot work; the message names the problem and the fix."""
 
 
 @dataclass
@@ -168,7 +151,7 @@ class QRPOPrepareConfig:
         },
     )
     reward_function: str | None = field(
-        default="apertus_hf.trainers.rewards:answer_similarity",
+        default="apertus_hf.preference.rewards:answer_similarity",
         metadata={
             "help": (
                 "A Python reward as 'package.module:function', in TRL's convention: function(prompts, completions, "
@@ -231,7 +214,7 @@ class QRPOPrepareConfig:
                 f"1/{self.num_samples}, never below rejected_quantile={self.rejected_quantile}, so every prompt would be "
                 f"skipped. Use num_samples > {1 / self.rejected_quantile:g}."
             )
-        _check_reward_choice(self.reward_model, self.reward_function, self.reward_kwargs)
+        check_reward_choice(self.reward_model, self.reward_function, self.reward_kwargs)
 
 
 @dataclass
@@ -309,261 +292,6 @@ def _checked_prompt(value: Any, row: int, column: str) -> tuple[Prompt, str | No
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Rewards
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _check_reward_choice(reward_model: str | None, reward_function: str | None, reward_kwargs: dict[str, Any]) -> None:
-    if (reward_model is None) == (reward_function is None):
-        raise QRPOPrepareError(
-            "Set exactly one of reward_model (a reward model folder or Hub id) and reward_function (an import path "
-            f"'package.module:function'); got reward_model={reward_model!r}, reward_function={reward_function!r}. "
-            "With --reward_model, also pass --reward_function null."
-        )
-    if reward_model is not None and reward_kwargs:
-        raise QRPOPrepareError(
-            f"reward_kwargs {reward_kwargs} are passed to reward_function only; with a reward_model, set reward_kwargs "
-            "to {}."
-        )
-
-
-def import_reward_function(path: str) -> Callable[..., Sequence[float]]:
-    """The callable at `path`, written 'package.module:function' (or 'package.module:Class.method')."""
-    module_name, colon, attribute = path.partition(":")
-    if not colon or not module_name or not attribute:
-        raise QRPOPrepareError(
-            f"reward_function {path!r} is not an import path; write it as 'package.module:function', e.g. "
-            "'apertus_hf.trainers.rewards:answer_similarity'."
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise QRPOPrepareError(
-            f"reward_function {path!r}: cannot import module {module_name!r} ({error}). Install the package that has "
-            "it, or put its folder on PYTHONPATH."
-        ) from error
-    try:
-        function = operator.attrgetter(attribute)(module)
-    except AttributeError as error:
-        public = sorted(name for name, value in vars(module).items() if callable(value) and not name.startswith("_"))
-        raise QRPOPrepareError(
-            f"reward_function {path!r}: module {module_name!r} has no attribute {attribute!r}. Its public callables: "
-            f"{public}."
-        ) from error
-    if not callable(function):
-        raise QRPOPrepareError(
-            f"reward_function {path!r} is a {type(function).__name__}, not a function; point it at a callable "
-            "reward(prompts, completions, **kwargs) -> list[float]."
-        )
-    return function
-
-
-class RewardModelScorer:
-    """A reward in TRL's convention from a sequence-classification reward model (num_labels 1).
-
-    Each (prompt, completion) is rendered the way TRL's `RewardTrainer` renders its training rows, so a reward model
-    trained there scores what it saw: chat prompts through the reward tokenizer's chat template (prompt + completion,
-    ending with the end-of-turn token), string prompts as prompt + completion + EOS. The score is the logit at the
-    last token, computed in right-padded batches of `batch_size`.
-    """
-
-    def __init__(self, name_or_path: str, batch_size: int = 32, dtype: str = "float32", device: Any = None):
-        check_model_source(name_or_path)
-        self.name_or_path = name_or_path
-        self.batch_size = batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=dtype)
-        if self.model.config.num_labels != 1:
-            raise QRPOPrepareError(
-                f"The reward model {name_or_path} has num_labels={self.model.config.num_labels}; a reward model "
-                "outputs one score (num_labels 1), as TRL's RewardTrainer trains them."
-            )
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        if pad is None:
-            raise QRPOPrepareError(
-                f"The tokenizer of the reward model {name_or_path} has neither a pad nor an EOS token."
-            )
-        self.pad_token_id = pad
-        # The classification head pools at the last token that is not padding, which it finds by this id.
-        self.model.config.pad_token_id = pad
-        self.model.to(device if device is not None else PartialState().device).eval()
-
-    def encode(self, prompt: Prompt, completion: str | list[dict[str, Any]]) -> list[int]:
-        if is_chat_prompt(prompt):
-            if not self.tokenizer.chat_template:
-                raise QRPOPrepareError(
-                    f"The reward model {self.name_or_path} has no chat template, so it cannot score chat prompts."
-                )
-            ids = self.tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False)
-            return list(ids)
-        eos = self.tokenizer.eos_token or ""
-        text = prompt + completion
-        return list(self.tokenizer(text if text.endswith(eos) else text + eos)["input_ids"])
-
-    @torch.inference_mode()
-    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[Any], **kwargs: Any) -> list[float]:
-        encoded = [self.encode(prompt, completion) for prompt, completion in zip(prompts, completions, strict=True)]
-        scores: list[float] = []
-        for start in range(0, len(encoded), self.batch_size):
-            rows = encoded[start : start + self.batch_size]
-            width = max(len(row) for row in rows)
-            input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for index, row in enumerate(rows):
-                input_ids[index, : len(row)] = torch.tensor(row)
-                attention_mask[index, : len(row)] = 1
-            logits = self.model(
-                input_ids=input_ids.to(self.model.device), attention_mask=attention_mask.to(self.model.device)
-            ).logits
-            scores += logits[:, 0].float().tolist()
-        return scores
-
-
-def load_reward(
-    reward_model: str | None,
-    reward_function: str | None,
-    reward_kwargs: dict[str, Any] | None = None,
-    *,
-    batch_size: int = 32,
-    dtype: str = "float32",
-) -> RewardFunction:
-    """A reward callable `(prompts, completions, **kwargs) -> list[float]` (TRL's reward-function convention).
-
-    Exactly one of `reward_model` (a `RewardModelScorer` over that folder or Hub id) and `reward_function` (an import
-    path 'package.module:function', called with `reward_kwargs` on top of the call's own keyword arguments).
-    """
-    reward_kwargs = dict(reward_kwargs or {})
-    _check_reward_choice(reward_model, reward_function, reward_kwargs)
-    if reward_model is not None:
-        return RewardModelScorer(reward_model, batch_size=batch_size, dtype=dtype)
-    function = import_reward_function(reward_function)
-    return partial(function, **reward_kwargs) if reward_kwargs else function
-
-
-def score_completions(
-    reward: RewardFunction,
-    prompts: Sequence[Prompt],
-    completions: Sequence[Sequence[str | list[dict[str, Any]]]],
-    columns: dict[str, Sequence[Any]] | None = None,
-    batch_size: int = 32,
-) -> list[list[float]]:
-    """The reward of every completion, as `completions` is laid out (per prompt, a list of completions).
-
-    The reward is called TRL-style on flat, aligned lists (each prompt repeated once per completion, and each of
-    `columns` likewise as a keyword argument), about `batch_size` completions at a time and whole prompts at a time.
-    Under `accelerate launch` the prompts are shared out between the processes and the rewards gathered back in order.
-    Raises QRPOPrepareError, naming the prompt, unless every reward is one finite number.
-    """
-    columns = dict(columns or {})
-    counts = {len(samples) for samples in completions}
-    if len(completions) != len(prompts) or len(counts) > 1:
-        raise ValueError("completions must hold the same number of completions for every prompt, in prompt order.")
-    per_prompt = counts.pop() if counts else 1
-    prompts_per_call = max(1, batch_size // per_prompt)
-    scored: list[tuple[int, list[float]]] = []
-    with PartialState().split_between_processes(list(range(len(prompts)))) as mine:
-        for start in range(0, len(mine), prompts_per_call):
-            indices = mine[start : start + prompts_per_call]
-            flat = [(index, completion) for index in indices for completion in completions[index]]
-            values = reward(
-                [prompts[index] for index, _ in flat],
-                [completion for _, completion in flat],
-                **{name: [column[index] for index, _ in flat] for name, column in columns.items()},
-            )
-            rewards = _checked_rewards(values, indices, per_prompt)
-            scored += [(index, rewards[i * per_prompt : (i + 1) * per_prompt]) for i, index in enumerate(indices)]
-    return [rewards for _, rewards in sorted(gather_object(scored))]
-
-
-def _checked_rewards(values: Any, indices: Sequence[int], per_prompt: int) -> list[float]:
-    expected = len(indices) * per_prompt
-    if isinstance(values, torch.Tensor):
-        values = values.tolist()
-    if not isinstance(values, (list, tuple, np.ndarray)) or len(values) != expected:
-        got = f"{len(values)} values" if hasattr(values, "__len__") else repr(values)
-        which = f"prompt {indices[0]}" if len(indices) == 1 else f"prompts {indices[0]}..{indices[-1]}"
-        raise QRPOPrepareError(
-            f"The reward returned {got} for the {expected} completions of {which}; it must return one float per "
-            "completion, in order."
-        )
-    checked = []
-    for position, value in enumerate(values):
-        number = float(value) if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) else None
-        if number is None or not math.isfinite(number):
-            prompt, sample = indices[position // per_prompt], position % per_prompt
-            raise QRPOPrepareError(
-                f"The reward of completion {sample} of prompt {prompt} is {value!r}; every reward must be a finite "
-                "number. Fix the reward function (or model) for that input."
-            )
-        checked.append(number)
-    return checked
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Selection
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def select_pair(
-    rewards: Sequence[float], rng: np.random.Generator, rejected_quantile: float = 0.2
-) -> tuple[int, int] | None:
-    """(chosen, rejected) indices among samples whose `rewards` are also the reference rewards, or None.
-
-    Chosen: quantile reward 1 (no reference reward above it); rejected: quantile reward below `rejected_quantile`;
-    each drawn uniformly with `rng` among those that qualify. None when no sample qualifies as rejected.
-    """
-    as_tensor = torch.tensor(rewards, dtype=torch.float64)
-    quantiles = quantile_rewards(as_tensor, as_tensor.expand(len(rewards), -1)).tolist()
-    rejected = [index for index, quantile in enumerate(quantiles) if quantile < rejected_quantile]
-    if not rejected:
-        return None
-    chosen = [index for index, quantile in enumerate(quantiles) if quantile == 1.0]
-    return int(rng.choice(chosen)), int(rng.choice(rejected))
-
-
-def build_qrpo_rows(
-    prompts: Sequence[Prompt],
-    completions: Sequence[Sequence[str]],
-    rewards: Sequence[Sequence[float]],
-    selection: Literal["all", "pairs"],
-    seed: int = 0,
-    rejected_quantile: float = 0.2,
-) -> tuple[list[dict[str, Any]], list[int]]:
-    """(rows in the trainer's columns, indices of the skipped prompts); see the module docstring.
-
-    Completions are texts; with chat prompts they are stored as `[{"role": "assistant", "content": text}]`. The pair
-    picks use a generator seeded with (seed, prompt index), so they do not depend on the other prompts.
-    """
-    rows, skipped = [], []
-    for index, (prompt, texts, scores) in enumerate(zip(prompts, completions, rewards, strict=True)):
-        ref_rewards = [float(score) for score in scores]
-        as_completion = partial(_as_completion, chat=is_chat_prompt(prompt))
-        if selection == "all":
-            for text, score in zip(texts, ref_rewards, strict=True):
-                rows.append(dict(zip(UNPAIRED_COLUMNS, (prompt, as_completion(text), score, ref_rewards), strict=True)))
-            continue
-        pair = select_pair(ref_rewards, np.random.default_rng([seed, index]), rejected_quantile)
-        if pair is None:
-            skipped.append(index)
-            continue
-        chosen, rejected = pair
-        values = (
-            prompt,
-            as_completion(texts[chosen]),
-            as_completion(texts[rejected]),
-            ref_rewards[chosen],
-            ref_rewards[rejected],
-            ref_rewards,
-        )
-        rows.append(dict(zip(PAIRED_COLUMNS, values, strict=True)))
-    return rows, skipped
-
-
-def _as_completion(text: str, chat: bool) -> str | list[dict[str, str]]:
-    return [{"role": "assistant", "content": text}] if chat else text
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -620,8 +348,8 @@ def prepare_qrpo_dataset(config: QRPOPrepareConfig) -> QRPOPrepareResult:
     Every input is checked before the (expensive) sampling. Under `accelerate launch` the sampling and the scoring
     are shared out between the processes, and the main process saves.
     """
-    # Without a GPU, processes started by `accelerate launch` only form a group (gloo) when the state is told so.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    init_cpu_process_group()
+    state = PartialState()
     check_output_dir(config.output_dir, config.overwrite)
     if config.temperature != 1.0 or config.top_p != 1.0:
         logger.warning(
@@ -641,15 +369,21 @@ def prepare_qrpo_dataset(config: QRPOPrepareConfig) -> QRPOPrepareResult:
     if config.reward_function is not None:
         import_reward_function(config.reward_function)  # a wrong path fails now, not after the sampling
     else:
-        check_model_source(config.reward_model)
+        resolve_reward_model(config.reward_model)
 
-    check_model_source(config.model_name_or_path)
-    if is_chat_prompt(prompts[0]):
-        tokenizer = load_chat_tokenizer(config)  # reads only the two name_or_path fields
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path or config.model_name_or_path)
-    policy = AutoModelForCausalLM.from_pretrained(
+    policy_source = resolve_source(
         config.model_name_or_path,
+        "model_name_or_path",
+        "The default is the model `recipes/sft.py` writes; run it first, or set it to a model folder or Hub id.",
+    )
+    tokenizer_name = config.tokenizer_name_or_path or config.model_name_or_path
+    tokenizer_option = "tokenizer_name_or_path" if config.tokenizer_name_or_path else "model_name_or_path"
+    if is_chat_prompt(prompts[0]):
+        tokenizer = load_chat_tokenizer(tokenizer_name, tokenizer_option)
+    else:
+        tokenizer = load_tokenizer(tokenizer_name, tokenizer_option)
+    policy = AutoModelForCausalLM.from_pretrained(
+        str(policy_source),
         dtype=config.dtype,
         attn_implementation=resolve_attn_implementation(config.attn_implementation, state.device),
     ).to(state.device)
@@ -677,7 +411,7 @@ def prepare_qrpo_dataset(config: QRPOPrepareConfig) -> QRPOPrepareResult:
     )
     texts = [[completion.text for completion in completions] for completions in samples]
     as_scored = [
-        [_as_completion(text, is_chat_prompt(prompt)) for text in completions]
+        [stored_completion(text, is_chat_prompt(prompt)) for text in completions]
         for prompt, completions in zip(prompts, texts, strict=True)
     ]
     rewards = score_completions(reward, prompts, as_scored, columns, batch_size=config.reward_batch_size)
@@ -719,7 +453,7 @@ def _stats(
     return {
         "prompts": len(prompts),
         "rows": len(rows),
-        "layout": "paired" if config.selection == "pairs" else "unpaired",
+        "layout": PreferenceLayout.PAIRED if config.selection == "pairs" else PreferenceLayout.UNPAIRED,
         "skipped_prompts": len(skipped),
         "skipped_prompt_indices": list(skipped),
         "num_samples": config.num_samples,

@@ -1,0 +1,167 @@
+"""One optimizer step, the data it eats, the held-out evaluation, and the cadence of what follows a step."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator, DistributedType
+
+from .build import Run
+from .checkpointing import TrainingProgress
+from .config import PretrainConfig
+from .metrics import StepOutput
+
+logger = logging.getLogger("apertus_hf.pretraining")
+
+
+def micro_batches(loader, accelerator: Accelerator, progress: TrainingProgress) -> Iterator[dict[str, torch.Tensor]]:
+    """Micro-batches forever, epoch after epoch, starting at the position recorded in `progress`.
+
+    `progress` is updated as batches are consumed, so a checkpoint taken between two optimizer steps records
+    exactly where the next micro-batch comes from.
+    """
+    while True:
+        loader.set_epoch(progress.epoch)
+        skipped = progress.micro_batches_in_epoch
+        epoch_loader = accelerator.skip_first_batches(loader, skipped) if skipped else loader
+        produced = False
+        for batch in epoch_loader:
+            produced = True
+            progress.micro_batches_in_epoch += 1
+            yield {key: value.to(accelerator.device) for key, value in batch.items()}
+        if not produced and not skipped:
+            raise ValueError(
+                "The training data yields no batch: fewer packed rows than per_device_batch_size x processes. "
+                "Add data or lower per_device_batch_size / seq_len."
+            )
+        progress.epoch += 1
+        progress.micro_batches_in_epoch = 0
+
+
+def count_targets(labels: torch.Tensor) -> torch.Tensor:
+    # The model shifts labels by one: the first label of each row is never a target.
+    return (labels[:, 1:] != -100).sum()
+
+
+def set_accumulation(run: Run, accumulation: int) -> int:
+    """Follow the batch ramp: accelerate scales the loss by `accumulation`, DeepSpeed also steps by it."""
+    accelerator = run.accelerator
+    if accelerator.gradient_accumulation_steps != accumulation:
+        accelerator.gradient_accumulation_steps = accumulation
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            run.model.set_train_batch_size(run.config.per_device_batch_size * accumulation * accelerator.num_processes)
+        logger.info("Batch ramp: %d micro-batches per optimizer step from now on.", accumulation)
+    return accumulation
+
+
+def train_step(run: Run, batches: list[dict[str, torch.Tensor]]) -> StepOutput:
+    """One optimizer step over `batches`, the micro-batches it accumulates; nothing is read back from the device.
+
+    The loss of a step is the mean over all its kept targets, on every process and micro-batch, as in one large
+    batch. Each micro-batch contributes its sum / global count; the factors undo the averaging that DDP/DeepSpeed
+    (over processes) and accelerator.backward (over micro-batches) apply to gradients.
+    """
+    accelerator, model, accumulation = run.accelerator, run.model, len(batches)
+    local_targets = sum(count_targets(batch["labels"]) for batch in batches)
+    global_targets = accelerator.reduce(local_targets.detach().clone(), reduction="sum").clamp(min=1)
+    step_loss = torch.zeros((), device=accelerator.device)
+    for index, batch in enumerate(batches):
+        is_last = index == accumulation - 1
+        with accelerator.no_sync(model) if not is_last else contextlib.nullcontext():
+            # Keep only the loss: holding the model output would keep the logits alive through backward.
+            loss = model(
+                **batch, use_cache=False, num_items_in_batch=global_targets, skip_logits=run.config.chunked_loss
+            ).loss
+            accelerator.backward(loss * accelerator.num_processes * accumulation)
+        step_loss += loss.detach()
+    grad_norm = None
+    if run.config.max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.config.max_grad_norm)
+    learning_rate = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepOutput(loss=step_loss, grad_norm=grad_norm, learning_rate=learning_rate)
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator: Accelerator, max_batches: int | None, chunked_loss: bool = True) -> float:
+    """Mean next-token loss over the held-out rows (no Goldfish drops), averaged over every process.
+
+    `chunked_loss`: compute it without the full logits (`skip_logits`), as in training.
+    """
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    targets = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        # num_items_in_batch=1 makes the model's loss the sum over targets instead of the mean.
+        outputs = model(**batch, use_cache=False, num_items_in_batch=1, skip_logits=chunked_loss)
+        loss_sum += outputs.loss.double()
+        targets += count_targets(batch["labels"])
+    model.train()
+    loss_sum, targets = accelerator.reduce(torch.stack([loss_sum, targets]), reduction="sum")
+    return (loss_sum / targets.clamp(min=1)).item()
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is True on any (a signal may reach only some ranks)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), reduction="sum").item() > 0
+
+
+@dataclass(frozen=True)
+class StepActions:
+    """What is due after an optimizer step."""
+
+    log: bool
+    evaluate: bool
+    checkpoint: bool
+    stop: bool
+
+    @property
+    def write_metrics(self) -> bool:
+        """Whether the step records so far are written: before a log line, with an evaluation, and before a
+        checkpoint or a stop, so that metrics.jsonl holds every step a checkpoint covers."""
+        return self.log or self.evaluate or self.checkpoint or self.stop
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """Decides, from the step number, what follows an optimizer step (PretrainConfig's *_steps options)."""
+
+    max_steps: int
+    logging_steps: int
+    eval_steps: int
+    checkpoint_steps: int
+    stop_at_step: int | None
+    evaluates: bool
+
+    @classmethod
+    def from_config(cls, config: PretrainConfig, evaluates: bool) -> Cadence:
+        return cls(
+            max_steps=config.max_steps,
+            logging_steps=config.logging_steps,
+            eval_steps=config.eval_steps,
+            checkpoint_steps=config.checkpoint_steps,
+            stop_at_step=config.stop_at_step,
+            evaluates=evaluates,
+        )
+
+    def after(self, step: int, stop_requested: bool) -> StepActions:
+        """The actions due after optimizer step `step` (1-based); `stop_requested`: a signal asked to stop."""
+        last = step == self.max_steps
+        stop = stop_requested or step == self.stop_at_step
+        return StepActions(
+            log=last or step % self.logging_steps == 0,
+            evaluate=self.evaluates and (last or (self.eval_steps > 0 and step % self.eval_steps == 0)),
+            checkpoint=stop or (self.checkpoint_steps > 0 and step % self.checkpoint_steps == 0),
+            stop=stop,
+        )
