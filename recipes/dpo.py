@@ -9,7 +9,7 @@ training, logging, checkpoints); `--help` lists them. The final model gets apert
 `hub_model_id` it is published there (`hub_private_repo` for a new repo's visibility).
 """
 
-from apertus_hf.hub import publish, write_model_card
+from apertus_hf.hub import card_and_publish
 from apertus_hf.trainers.dpo import DPO_RECIPE, run_dpo
 
 
@@ -18,10 +18,13 @@ def main(argv: list[str] | None = None) -> None:
     result = run_dpo(recipe, args)
     if not result.is_main_process:
         return
-    for folder in dict.fromkeys((result.output_dir, result.model_dir)):
-        write_model_card(folder, args.hub_model_id)
-    if args.hub_model_id:
-        publish(result.model_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token)
+    card_and_publish(
+        result.model_dir,
+        args.hub_model_id,
+        private=args.hub_private_repo,
+        token=args.hub_token,
+        other_folders=[result.output_dir],
+    )
     margins = [entry["rewards/margins"] for entry in result.trainer.state.log_history if "rewards/margins" in entry]
     summary = f", reward margin {margins[0]:.4f} -> {margins[-1]:.4f}" if margins else ""
     published = f", published to {args.hub_model_id}" if args.hub_model_id else ""

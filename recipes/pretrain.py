@@ -6,7 +6,7 @@ is a field of `apertus_hf.pretraining.PretrainConfig`; `--help` lists them. The 
 and with `--hub_model_id ORG/NAME` it is published to the Hub.
 """
 
-from apertus_hf.hub import publish, write_model_card
+from apertus_hf.hub import card_and_publish
 from apertus_hf.pretraining import PretrainConfig, pretrain
 from apertus_hf.recipe_args import parse_recipe_args
 
@@ -19,9 +19,8 @@ def main() -> None:
     if result.interrupted:
         print(f"Stopped at step {result.steps}; run the same command again to resume from {result.output_dir}.")
         return
-    write_model_card(result.model_dir, repo_id=config.hub_model_id)
-    if config.hub_model_id:
-        published = publish(result.model_dir, config.hub_model_id, private=config.hub_private_repo)
+    published = card_and_publish(result.model_dir, config.hub_model_id, private=config.hub_private_repo)
+    if published is not None:
         print(f"Published {result.model_dir} to the Hub: {published.commit_url}")
     print(f"Done: {result.steps} steps, {result.tokens_seen:,} tokens, model in {result.model_dir}.")
 

@@ -8,7 +8,7 @@ checkpoints); `--help` lists them. The final model gets apertus_hf's model card;
 there (`hub_private_repo` for a new repo's visibility).
 """
 
-from apertus_hf.hub import publish, write_model_card
+from apertus_hf.hub import card_and_publish
 from apertus_hf.trainers.qrpo_recipe import QRPO_RECIPE, run_qrpo
 
 
@@ -17,10 +17,13 @@ def main(argv: list[str] | None = None) -> None:
     result = run_qrpo(recipe, args)
     if not result.is_main_process:
         return
-    for folder in dict.fromkeys((result.output_dir, result.model_dir)):
-        write_model_card(folder, args.hub_model_id)
-    if args.hub_model_id:
-        publish(result.model_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token)
+    card_and_publish(
+        result.model_dir,
+        args.hub_model_id,
+        private=args.hub_private_repo,
+        token=args.hub_token,
+        other_folders=[result.output_dir],
+    )
     published = f", published to {args.hub_model_id}" if args.hub_model_id else ""
     print(f"Done: model in {result.model_dir}{published}; metrics in {result.output_dir / 'all_results.json'}.")
 

@@ -8,7 +8,7 @@ final model gets apertus_hf's model card; with `hub_model_id` it is published th
 repo's visibility).
 """
 
-from apertus_hf.hub import publish, write_model_card
+from apertus_hf.hub import card_and_publish
 from apertus_hf.trainers.sft import SFT_RECIPE, run_sft
 
 
@@ -17,10 +17,13 @@ def main(argv: list[str] | None = None) -> None:
     result = run_sft(recipe, args)
     if not result.is_main_process:
         return
-    for folder in dict.fromkeys((result.output_dir, result.model_dir)):
-        write_model_card(folder, args.hub_model_id)
-    if args.hub_model_id:
-        publish(result.model_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token)
+    card_and_publish(
+        result.model_dir,
+        args.hub_model_id,
+        private=args.hub_private_repo,
+        token=args.hub_token,
+        other_folders=[result.output_dir],
+    )
     summary = [f"{result.steps} steps"]
     if result.final_train_loss is not None:
         summary.append(f"train loss {result.final_train_loss:.4f}")

@@ -30,7 +30,7 @@ from .checks import (
     local_paths,
 )
 from .sources import data_languages, hub_dataset_ids
-from .upload import DEFAULT_MAX_SHARD_SIZE, PublishResult, needs_resharding, publish, reshard
+from .upload import DEFAULT_MAX_SHARD_SIZE, PublishResult, card_and_publish, needs_resharding, publish, reshard
 
 __all__ = [
     "CARD_FILE_NAME",
@@ -42,6 +42,7 @@ __all__ = [
     "ModelFolderReport",
     "PublishResult",
     "build_model_card",
+    "card_and_publish",
     "check_model_card",
     "check_model_folder",
     "count_parameters",

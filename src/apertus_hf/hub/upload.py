@@ -21,7 +21,7 @@ from huggingface_hub.serialization._base import parse_size_to_int
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .card import CARD_FILE_NAME, build_model_card, readme_author
+from .card import CARD_FILE_NAME, build_model_card, readme_author, write_model_card
 from .checks import (
     LOCAL_ONLY_PATTERNS,
     ModelCardError,
@@ -170,3 +170,20 @@ def publish(
         )
     logger.info("Published %s: %s", repo_id, commit.commit_url)
     return PublishResult(repo_id, files, card, card_generated, resharded, commit=commit)
+
+
+def card_and_publish(
+    model_dir: str | Path,
+    repo_id: str | None,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    other_folders: Sequence[str | Path] = (),
+) -> PublishResult | None:
+    """What a recipe does with the model its run saved: our card into `model_dir` and into `other_folders` (e.g. a
+    LoRA run's adapter folder beside its merged model), then, when `repo_id` is given, `publish` of `model_dir`."""
+    for folder in dict.fromkeys(Path(folder) for folder in (*other_folders, model_dir)):
+        write_model_card(folder, repo_id)
+    if repo_id is None:
+        return None
+    return publish(model_dir, repo_id, private=private, token=token)
