@@ -1,5 +1,7 @@
 """runtime: the one rule for "local path or Hub id", and the CPU threads a run takes."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,7 +25,6 @@ def test_existing_paths_are_local_and_repo_ids_go_to_the_hub(tmp_path, monkeypat
         "~/no-such-model",
         "model",  # a Hub id has a namespace
         "corpus/part.jsonl",  # ends like a data file
-        "data/*.jsonl",
     ],
 )
 def test_a_missing_local_path_is_named_with_the_option_and_the_hint(tmp_path, monkeypatch, value):
@@ -33,6 +34,17 @@ def test_a_missing_local_path_is_named_with_the_option_and_the_hint(tmp_path, mo
         SourceNotFoundError, match=rf"^init_from='{value.replace('*', '[*]')}': no such file or folder .*Run make"
     ):
         resolve_source(value, "init_from", "Run make pretrain first.")
+
+
+def test_a_glob_is_local_and_must_match_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(
+        SourceNotFoundError, match=r"^data\[0\]\.path='data/\*\.jsonl': the glob matches no file .*Run make"
+    ):
+        resolve_source("data/*.jsonl", "data[0].path", "Run make pretrain first.")
+    (tmp_path / "data" / "en.jsonl").write_text('{"text": "x"}\n')
+    assert resolve_source("data/*.jsonl", "data[0].path") == Path("data/*.jsonl")
 
 
 def test_a_name_that_is_neither_path_nor_repo_id_is_refused(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ CPU threads, the CPU process group, and whether a name is a local path or a Hub 
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 from pathlib import Path
@@ -91,25 +92,29 @@ class SourceNotFoundError(FileNotFoundError):
 
 
 def resolve_source(value: str, what: str, hint: str = "") -> Path | str:
-    """The one rule for "local path or Hub id": a Path when `value` exists here, else `value` as a Hub repo id.
+    """The one rule for "local path or Hub id": a Path when `value` exists here (or is a glob that matches a file
+    here), else `value` as a Hub repo id.
 
-    Raises SourceNotFoundError, naming `what` (e.g. "init_from") and `hint`, when `value` reads as a local path that
-    does not exist (it starts with `.`, `/` or `~`, has other than one `/`, ends like a data file, or its first
-    component is a folder here, such as outputs/...), or when it is not a valid repo id. A Hub id is not looked up here: offline, the library
-    still finds it in the local Hub cache.
+    Raises SourceNotFoundError, naming `what` (e.g. "init_from") and `hint`, when `value` is a glob that matches no
+    file, when it reads as a local path that does not exist (it starts with `.`, `/` or `~`, has other than one `/`,
+    ends like a data file, or its first component is a folder here, such as outputs/...), or when it is not a valid
+    repo id. A Hub id is not looked up here: offline, the library still finds it in the local Hub cache.
     """
     expanded = Path(value).expanduser()
+    suffix = f" {hint}" if hint else ""
+    if any(character in value for character in "*?["):
+        if not glob.glob(str(expanded), recursive=True):
+            raise SourceNotFoundError(f"{what}={value!r}: the glob matches no file (looked in {Path.cwd()}).{suffix}")
+        return expanded
     if expanded.exists():
         return expanded
     first_component = Path(value).parts[0] if Path(value).parts else ""
     reads_as_path = (
         value.startswith((".", "/", "~"))
         or value.count("/") != 1
-        or any(character in value for character in "*?[")
         or Path(first_component).is_dir()
         or value.endswith(DATA_FILE_SUFFIXES)
     )
-    suffix = f" {hint}" if hint else ""
     if reads_as_path:
         raise SourceNotFoundError(f"{what}={value!r}: no such file or folder ({Path(value).absolute()}).{suffix}")
     try:

@@ -29,6 +29,10 @@ def load_dataset_splits(source: str, what: str = "dataset") -> DatasetDict:
     if isinstance(resolved, str):
         return load_dataset(resolved)
     path = resolved
+    if not path.exists():
+        raise TableLoadError(
+            f"{what}={source}: a glob is not a table here; give one file, a folder of files, or a `save_to_disk` folder."
+        )
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         loaded = load_from_disk(str(path))
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})

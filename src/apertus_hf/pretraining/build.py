@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
-from glob import glob
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +89,11 @@ def data_sources(entries: list[dict[str, Any]], option: str) -> list[DataSource]
             raise ValueError(
                 f"{option} entry {entry!r} has unknown keys {sorted(unknown)}; valid keys: {sorted(fields)}."
             )
-        path, what = str(entry["path"]), f"{option}[{index}].path"
-        if any(character in path for character in "*?["):
-            if not glob(os.path.expanduser(path), recursive=True):
-                raise SourceNotFoundError(f"{what}={path!r}: the glob matches no file (looked in {os.getcwd()}).")
-        else:
-            resolve_source(path, what, "Give a data file, a folder or glob of them, or a Hub dataset id.")
+        resolve_source(
+            str(entry["path"]),
+            f"{option}[{index}].path",
+            "Give a data file, a folder or glob of them, or a Hub dataset id.",
+        )
         sources.append(DataSource(**entry))
     return sources
 
@@ -166,8 +163,15 @@ def pretraining_model_config(
     preset: str, overrides: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seq_len: int
 ) -> ApertusConfig:
     """The ApertusConfig of a fresh model: `preset` plus `overrides`, with the vocabulary and special ids of
-    `tokenizer`, and room for rows of `seq_len` positions."""
-    preset_positions = ApertusConfig.from_preset(preset).max_position_embeddings
+    `tokenizer`, and room for rows of `seq_len` positions (a raised max_position_embeddings is logged)."""
+    asked = overrides.get("max_position_embeddings", ApertusConfig.from_preset(preset).max_position_embeddings)
+    if seq_len > asked:
+        logger.info(
+            "max_position_embeddings raised from %d to seq_len=%d, the length of the rows the model trains on.",
+            asked,
+            seq_len,
+            extra=CONSOLE,
+        )
     return ApertusConfig.from_preset(
         preset,
         **{
@@ -176,7 +180,7 @@ def pretraining_model_config(
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
-            "max_position_embeddings": max(overrides.get("max_position_embeddings", preset_positions), seq_len),
+            "max_position_embeddings": max(asked, seq_len),
         },
     )
 
@@ -218,15 +222,6 @@ def _build_model(
         )
     else:
         model_config = pretraining_model_config(config.model_preset, config.model_overrides, tokenizer, config.seq_len)
-        preset = ApertusConfig.from_preset(config.model_preset).max_position_embeddings
-        asked = config.model_overrides.get("max_position_embeddings", preset)
-        if model_config.max_position_embeddings > asked:
-            logger.info(
-                "max_position_embeddings raised from %d to seq_len=%d, the length of the rows the model trains on.",
-                asked,
-                config.seq_len,
-                extra=CONSOLE,
-            )
         model_config._attn_implementation = attn_implementation
         # from_config (not the class itself) so that DeepSpeed ZeRO-3 can build the model already sharded.
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
