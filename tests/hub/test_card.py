@@ -249,3 +249,5 @@ def test_data_languages_and_hub_ids_of_the_runs_sources():
     sources = [str(CORPUS / "[dr]*.jsonl"), "HuggingFaceFW/fineweb-2"]
     assert data_languages(sources) == ["de", "rm"]  # 23 German documents, 7 Romansh
     assert hub_dataset_ids([*sources, "data/corpus", "HuggingFaceFW/fineweb-2"]) == ["HuggingFaceFW/fineweb-2"]
+    # The rule training loads with (runtime.resolve_source): paths that are not here are not Hub datasets either.
+    assert hub_dataset_ids(["./gone/corpus", "corpus/part.jsonl", "<local>/corpus", "org/corpus"]) == ["org/corpus"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from huggingface_hub.repocard_data import eval_results_to_model_index, model_ind
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from ..runtime import SourceNotFoundError, resolve_source
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tekken.json", "vocab.json")
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -332,11 +333,9 @@ def check_model_card(card: ModelCard) -> None:
 
 
 def is_hub_id(value: str) -> bool:
-    """Whether `value` has the form of a Hub repo id (ORG/NAME or NAME) and is not a path on this machine."""
-    if os.path.exists(os.path.expanduser(value)):
-        return False
+    """Whether `value` names a Hub repo rather than a path, by the rule every run loads with
+    (`runtime.resolve_source`): so the card calls a model or dataset a Hub one exactly when training did."""
     try:
-        validate_repo_id(value)
-    except HFValidationError:
+        return isinstance(resolve_source(value, "source"), str)
+    except SourceNotFoundError:
         return False
-    return True
