@@ -140,9 +140,8 @@ def test_multi_turn_and_default_system_prompt(tokenizer):
         {"role": "assistant", "content": "Gern gescheh."},
     ]
     rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
-    assert rendered.startswith(
-        "<s><|system_start|>You are Apertus, a helpful assistant created by the SwissAI initiative.<|system_end|>"
-    )
+    # As swiss-ai's SFT rendered conversations without a system message: an empty system block.
+    assert rendered.startswith("<s><|system_start|><|system_end|><|developer_start|>")
     assert rendered.endswith(
         "<|user_start|>Hoi<|user_end|><|assistant_start|>Grüezi!<|assistant_end|>"
         "<|user_start|>Merci<|user_end|><|assistant_start|>Gern gescheh.<|assistant_end|>"

@@ -8,7 +8,13 @@ from .apertus import (
     load_chat_tokenizer,
     load_tokenizer,
 )
-from .chat_template import APERTUS_CHAT_TEMPLATE, APERTUS_DEFAULT_SYSTEM_PROMPT
+from .chat_template import (
+    APERTUS_CHAT_TEMPLATE,
+    APERTUS_IDENTITY,
+    APERTUS_INSTRUCT_CHAT_TEMPLATE,
+    APERTUS_KNOWLEDGE_CUTOFF,
+    apertus_default_system_prompt,
+)
 from .special_tokens import (
     BOS_TOKEN,
     BOS_TOKEN_ID,
@@ -34,7 +40,9 @@ from .training import (
 
 __all__ = [
     "APERTUS_CHAT_TEMPLATE",
-    "APERTUS_DEFAULT_SYSTEM_PROMPT",
+    "APERTUS_IDENTITY",
+    "APERTUS_INSTRUCT_CHAT_TEMPLATE",
+    "APERTUS_KNOWLEDGE_CUTOFF",
     "APERTUS_TOKENIZER_NAME",
     "BOS_TOKEN",
     "BOS_TOKEN_ID",
@@ -49,6 +57,7 @@ __all__ = [
     "UNK_TOKEN",
     "UNK_TOKEN_ID",
     "CorpusTokenStatistics",
+    "apertus_default_system_prompt",
     "apertus_generation_config",
     "corpus_files",
     "corpus_token_statistics",
