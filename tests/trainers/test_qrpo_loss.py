@@ -114,6 +114,43 @@ def test_length_normalised_beta_is_capped():
     assert normalised[1].item() == pytest.approx(plain[1].item())
 
 
+@pytest.mark.parametrize(
+    ("cap_unnormalized_beta", "expected"),
+    [
+        # The QRPO paper: beta 5 as given. beta log Z = 5 ln 5 + 1 + 5 ln(1 - e^-0.2) = 8.047190 + 1 - 8.538859
+        # = 0.508331; (0.75 - 0.508331 - 5 * 0.1)^2 = (-0.258331)^2.
+        (False, 0.0667346768441783),
+        # swiss-ai/posttraining: beta min(5, 0.1) = 0.1. beta log Z = 0.1 ln 0.1 + 1 + 0.1 ln(1 - e^-10)
+        # = -0.230259 + 1 - 0.000005 = 0.769737; (0.75 - 0.769737 - 0.1 * 0.1)^2 = (-0.029737)^2.
+        (True, 0.0008842862312579517),
+    ],
+)
+def test_unnormalized_beta_is_capped_only_on_request(cap_unnormalized_beta, expected):
+    loss = qrpo_loss(
+        torch.tensor([-9.9], dtype=torch.float64),
+        torch.tensor([-10.0], dtype=torch.float64),
+        torch.tensor([0.5]),
+        torch.tensor([[0.2, 0.5, 0.5, 0.9]]),  # R_q = 3/4
+        beta=5.0,
+        transform="identity",
+        cap_unnormalized_beta=cap_unnormalized_beta,
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_cap_unnormalized_beta_leaves_the_length_normalised_loss_alone():
+    args = dict(
+        logps=torch.tensor([-3.0, -3.0, -3.0]),
+        ref_logps=torch.tensor([-4.0, -4.0, -4.0]),
+        rewards=torch.tensor([1.0, 0.0, 2.0]),
+        ref_rewards=torch.tensor([[0.0, 2.0]] * 3),
+        beta=5.0,
+        completion_lengths=torch.tensor([20, 100, 1000]),  # beta/|y| = 0.25 (capped to 0.1), 0.05, 0.005
+        length_normalize=True,
+    )
+    assert torch.equal(qrpo_loss(**args, cap_unnormalized_beta=True), qrpo_loss(**args, cap_unnormalized_beta=False))
+
+
 @pytest.mark.parametrize("transform", ["identity", "log", "normal_icdf"])
 @pytest.mark.parametrize("beta", [0.05, 0.3, 1.0, 5.0])
 def test_partition_function_is_exact(transform, beta):

@@ -5,6 +5,7 @@ with clear errors."""
 import dataclasses
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apertus_hf import ApertusConfig, ApertusForCausalLM
+from apertus_hf.preference import QRPOPrepareConfig
+from apertus_hf.recipe_args import parse_recipe_args
 from apertus_hf.runtime import SourceNotFoundError
 from apertus_hf.trainers import QRPODatasetError
 from apertus_hf.trainers.qrpo import QRPO_CITATION
@@ -65,14 +68,35 @@ def test_the_tiny_recipe_is_the_embedded_default():
 
 @pytest.mark.parametrize(("size", "learning_rate"), [("8b", 5e-7), ("70b", 1e-7)])
 def test_the_apertus_recipes_carry_the_spec_values(size, learning_rate):
+    recipe_file = REPO_ROOT / "recipes/configs" / size / "qrpo.yaml"
     # bf16 needs a GPU, or use_cpu to be valid on this machine.
-    recipe, args = QRPO_RECIPE.parse(
-        ["--config", str(REPO_ROOT / "recipes/configs" / size / "qrpo.yaml"), "--use_cpu=true"]
-    )
+    recipe, args = QRPO_RECIPE.parse(["--config", str(recipe_file), "--use_cpu=true"])
     assert (args.beta, args.transform, args.length_normalize, args.max_normalized_beta) == (5.0, "identity", True, 0.1)
+    assert args.cap_unnormalized_beta  # swiss-ai/posttraining's loss
     assert args.learning_rate == learning_rate
+    # The released runs (swiss-ai/posttraining): max_grad_norm 20, warmup_ratio 0.1, linear decay, no weight decay,
+    # one epoch, global batch 512, max length 4096.
+    assert (args.max_grad_norm, args.warmup_steps, args.lr_scheduler_type, args.weight_decay) == (20, 0.1, "linear", 0)
+    assert (args.num_train_epochs, args.max_length) == (1, 4096)
+    processes = int(re.search(r"--num_processes (\d+)", recipe_file.read_text()).group(1))  # the launch line
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * processes == 512
     assert recipe.ref_model_name_or_path is None  # the reference is the initial policy, log-probs precomputed
     assert args.bf16 and args.activation_checkpointing
+
+
+@pytest.mark.parametrize("size", ["8b", "70b"])
+def test_the_apertus_data_recipes_sample_30_reference_completions(size):
+    prepare = parse_recipe_args(
+        QRPOPrepareConfig, ["--config", str(REPO_ROOT / "recipes/configs" / size / "qrpo_prepare.yaml")]
+    )
+    assert (prepare.num_samples, prepare.temperature, prepare.top_p, prepare.max_new_tokens) == (30, 1, 1, 4096)
+    assert (prepare.selection, prepare.rejected_quantile, prepare.max_prompts) == ("pairs", 0.2, None)
+    assert prepare.reward_model == "Skywork/Skywork-Reward-V2-Llama-3.1-8B" and prepare.reward_function is None
+    # The QRPO recipe of the same size trains on what it writes, with the policy that sampled it.
+    recipe, _ = QRPO_RECIPE.parse(
+        ["--config", str(REPO_ROOT / "recipes/configs" / size / "qrpo.yaml"), "--use_cpu=true"]
+    )
+    assert (recipe.dataset, recipe.model_name_or_path) == (prepare.output_dir, prepare.model_name_or_path)
 
 
 def test_run_saves_a_plain_model_with_the_chat_generation_config(tmp_path, policy_and_data):

@@ -15,6 +15,7 @@ with R_q = mean_i 1[ref_reward_i <= reward(y)], log-probs summed over the comple
 - `normal_icdf`: f = Phi^-1(clip(R_q, 1/n, (n-1)/n)), log Z = 1 / (2 beta^2).
 
 With `length_normalize` (what Apertus used), beta becomes beta/|y| in every term, capped at `max_normalized_beta`.
+`cap_unnormalized_beta` applies the cap without `length_normalize` too, as swiss-ai/posttraining's loss does.
 
 The file is one trainer the way TRL writes one (~700 lines): the loss as pure functions of tensors, the config, the
 tokenizing and batching of QRPO rows, and the trainer, read top to bottom; splitting them would send a reader of the
@@ -106,10 +107,13 @@ def effective_beta(
     completion_lengths: torch.Tensor | None = None,
     length_normalize: bool = False,
     max_normalized_beta: float = 0.1,
+    cap_unnormalized_beta: bool = False,
 ) -> torch.Tensor:
-    """The beta each completion's loss uses: `beta`, or min(beta / |y|, max_normalized_beta) with length_normalize."""
+    """The beta each completion's loss uses: min(beta / |y|, max_normalized_beta) with length_normalize; otherwise
+    `beta` (the QRPO paper), or min(beta, max_normalized_beta) with cap_unnormalized_beta (swiss-ai/posttraining)."""
     if not length_normalize:
-        return torch.full_like(like, beta)
+        betas = torch.full_like(like, beta)
+        return betas.clamp(max=max_normalized_beta) if cap_unnormalized_beta else betas
     if completion_lengths is None:
         raise ValueError("length_normalize=True needs completion_lengths (completion tokens per example).")
     lengths = completion_lengths.to(device=like.device, dtype=like.dtype)
@@ -128,6 +132,7 @@ def qrpo_loss(
     completion_lengths: torch.Tensor | None = None,
     length_normalize: bool = False,
     max_normalized_beta: float = 0.1,
+    cap_unnormalized_beta: bool = False,
 ) -> torch.Tensor:
     """Per-example QRPO losses, shape (B,).
 
@@ -141,6 +146,8 @@ def qrpo_loss(
         completion_lengths: (B,) completion tokens |y|; needed with `length_normalize`.
         length_normalize: use beta/|y| (capped at `max_normalized_beta`) in every term, as Apertus did.
         max_normalized_beta: the cap on the length-normalised beta.
+        cap_unnormalized_beta: without length_normalize, use min(beta, max_normalized_beta) as swiss-ai/posttraining
+            does; False uses beta as given (the QRPO paper).
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}.")
@@ -152,7 +159,15 @@ def qrpo_loss(
     dtype = torch.promote_types(logps.dtype, torch.float32)
     log_ratio = logps.to(dtype) - ref_logps.to(dtype)
     betas, _, target = regression_target(
-        log_ratio, rewards, ref_rewards, beta, transform, completion_lengths, length_normalize, max_normalized_beta
+        log_ratio,
+        rewards,
+        ref_rewards,
+        beta,
+        transform,
+        completion_lengths,
+        length_normalize,
+        max_normalized_beta,
+        cap_unnormalized_beta,
     )
     return (target - betas * log_ratio) ** 2
 
@@ -166,10 +181,13 @@ def regression_target(
     completion_lengths: torch.Tensor | None,
     length_normalize: bool,
     max_normalized_beta: float,
+    cap_unnormalized_beta: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(effective betas, quantile rewards, target f(R_q) - beta log Z) of each completion, in `log_ratio`'s dtype:
     what `qrpo_loss` regresses beta * log_ratio onto, and what the trainer logs."""
-    betas = effective_beta(beta, log_ratio, completion_lengths, length_normalize, max_normalized_beta)
+    betas = effective_beta(
+        beta, log_ratio, completion_lengths, length_normalize, max_normalized_beta, cap_unnormalized_beta
+    )
     quantile = quantile_rewards(rewards, ref_rewards).to(log_ratio.dtype)
     target = transform_quantile_reward(quantile, transform, ref_rewards.shape[1]) - beta_log_partition(betas, transform)
     return betas, quantile, target
@@ -186,7 +204,8 @@ class QRPOConfig(TrainingArguments):
 
     The defaults of the QRPO fields are Apertus' (Apertus tech report, arXiv 2509.14233, §4.3 'Preference Alignment';
     swiss-ai/posttraining `src/post_training/trainers/preference.py`): identity transform, beta 5, length-normalised
-    beta capped at 0.1, reference log-probs computed once before training.
+    beta capped at 0.1, reference log-probs computed once before training. `cap_unnormalized_beta` defaults to the
+    QRPO paper's loss: it only matters without length normalisation, which the released runs did not use.
     """
 
     beta: float = field(
@@ -200,7 +219,19 @@ class QRPOConfig(TrainingArguments):
     length_normalize: bool = field(
         default=True, metadata={"help": "Use beta/|y| in every term of the loss (Apertus' variant)."}
     )
-    max_normalized_beta: float = field(default=0.1, metadata={"help": "Cap on beta/|y| when length_normalize is on."})
+    max_normalized_beta: float = field(
+        default=0.1,
+        metadata={"help": "Cap on beta/|y| when length_normalize is on (and on beta with cap_unnormalized_beta)."},
+    )
+    cap_unnormalized_beta: bool = field(
+        default=False,
+        metadata={
+            "help": "Without length_normalize, use min(beta, max_normalized_beta) as swiss-ai/posttraining's QRPO loss "
+            "does (src/post_training/trainers/preference.py caps every beta at 0.1 to keep the gradient norm down); "
+            "false uses beta as given, as the QRPO paper does. No effect with length_normalize, which the released "
+            "Apertus runs used."
+        },
+    )
     max_length: int | None = field(
         default=1024,
         metadata={
@@ -583,6 +614,7 @@ class QRPOTrainer(Trainer):
             completion_lengths=completion_lengths,
             length_normalize=self.args.length_normalize,
             max_normalized_beta=self.args.max_normalized_beta,
+            cap_unnormalized_beta=self.args.cap_unnormalized_beta,
         )
         loss = losses.mean()
         self._record_metrics(mode, inputs, logps.detach(), completion_lengths)
@@ -601,6 +633,7 @@ class QRPOTrainer(Trainer):
             completion_lengths,
             self.args.length_normalize,
             self.args.max_normalized_beta,
+            self.args.cap_unnormalized_beta,
         )
         implied = betas * log_ratio
         per_sequence = torch.stack(

@@ -126,6 +126,8 @@ def run_qrpo(recipe: QRPOArguments, args: QRPOConfig) -> QRPOResult:
     beta = f"beta {args.beta:g}"
     if args.length_normalize:
         beta += f" divided by the completion length (capped at {args.max_normalized_beta:g})"
+    elif args.cap_unnormalized_beta and args.beta > args.max_normalized_beta:
+        beta += f" capped at {args.max_normalized_beta:g}"
     method = {"QRPO": f"{beta}, transform {args.transform}"}
     model_dir = save_post_trained_model(
         trainer, QRPO_RECIPE, recipe, args, method_rows=method, citations=[QRPO_CITATION]
