@@ -10,7 +10,7 @@ EXTRAS := dev,deepspeed,post-training,eval
 LOCK := requirements/lock.txt
 BIN := $(VENV)/bin
 
-.PHONY: setup lock drift pretrain sft qrpo-data qrpo dpo test test-fast lint benchmark clean
+.PHONY: setup lock drift pretrain sft qrpo-data qrpo dpo apertus-tiny test test-fast lint benchmark clean
 
 # `pip install -c` moves every locked package to its pin (up or down) in a venv made before a lock change; the check
 # after it fails, naming the package, if anything still differs from the lock.
@@ -90,6 +90,29 @@ qrpo: setup $(QRPO_DATA)
 	$(BIN)/accelerate launch $(ACCELERATE_ARGS) recipes/qrpo.py $(ARGS)
 dpo: setup $(QRPO_DATA)
 	$(BIN)/accelerate launch $(ACCELERATE_ARGS) recipes/dpo.py $(ARGS)
+
+# The whole Apertus pipeline at tiny scale, each step from the model of the one before: pretraining in three data
+# stages with its schedule counted in samples and a batch that doubles, the long-context extension 128 -> 256 -> 512,
+# SFT, QRPO's reference completions and rewards, QRPO, evaluation, and the card of the final model (`recipes/publish.py
+# --dry-run`; with HUB_MODEL_ID=ORG/NAME it is uploaded). Each step writes its own folder in outputs/apertus-tiny/.
+TINY := outputs/apertus-tiny
+LAUNCH := $(BIN)/accelerate launch $(ACCELERATE_ARGS)
+HUB_MODEL_ID ?=
+apertus-tiny: setup
+	$(LAUNCH) recipes/pretrain.py --config recipes/configs/tiny/pretrain_staged.yaml --output_dir $(TINY)/pretrain
+	$(LAUNCH) recipes/long_context.py --config recipes/configs/tiny/long_context.yaml \
+		--init_from $(TINY)/pretrain/model --output_dir $(TINY)/long-context
+	$(LAUNCH) recipes/sft.py --config recipes/configs/tiny/sft.yaml \
+		--model_name_or_path $(TINY)/long-context/512/model --output_dir $(TINY)/sft
+	$(LAUNCH) recipes/qrpo_prepare.py --config recipes/configs/tiny/qrpo_prepare.yaml \
+		--model_name_or_path $(TINY)/sft --output_dir $(TINY)/qrpo-data
+	$(LAUNCH) recipes/qrpo.py --config recipes/configs/tiny/qrpo.yaml \
+		--model_name_or_path $(TINY)/sft --dataset $(TINY)/qrpo-data --output_dir $(TINY)/qrpo
+	$(BIN)/python eval/perplexity.py --model $(TINY)/qrpo --data data/corpus/*.jsonl --group_by language
+	$(BIN)/python eval/multiple_choice.py --model $(TINY)/qrpo \
+		--task eval/tasks/apertus_toy_mc/apertus_toy_mc.jsonl
+	$(BIN)/python recipes/publish.py --model $(TINY)/qrpo --repo-id $(or $(HUB_MODEL_ID),ORG/apertus-tiny) \
+		$(if $(HUB_MODEL_ID),,--dry-run)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks recipes data eval requirements

@@ -39,7 +39,7 @@ check() {
 cat "$OUT/env.log"
 
 # Correctness on CUDA: fused xIELU, chunked loss in bf16, SDPA/flash parity with the stock model, a bf16 pretraining run.
-check cuda_tests 100 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py \
+check cuda_tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py tests/data/test_document_masking.py \
     tests/pretraining/test_cuda_pretraining.py tests/test_modeling.py tests/test_runtime.py
 
 # Issue 14: activation memory of a long-context step (8B layer shape, 8k..64k, checkpointing, chunked loss).

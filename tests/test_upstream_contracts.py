@@ -192,3 +192,24 @@ def test_trls_model_card_draft_is_recognised_and_replaced():
         trainer_name="SFT",
     )
     assert readme_author(str(draft)) == "trainer"
+
+
+def test_accelerate_seeds_a_prepared_loader_from_the_dataloader_config_at_prepare_time():
+    # pretraining/build.py gives each data stage its own data seed by setting accelerator.dataloader_config.data_seed
+    # before preparing that stage's loader.
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    try:
+        accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        orders = {}
+        for seed in (7, 11, 7):
+            accelerator.dataloader_config.data_seed = seed
+            loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(32)), batch_size=32, shuffle=True))
+            loader.set_epoch(0)
+            order = next(iter(loader)).tolist()
+            assert orders.setdefault(seed, order) == order
+        assert orders[7] != orders[11] and sorted(orders[7]) == list(range(32))
+    finally:
+        AcceleratorState._reset_state(True)

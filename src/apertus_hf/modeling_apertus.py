@@ -6,7 +6,10 @@ parameter and buffer names), with what the stock model does not do for training:
 - Packed rows stay document-masked whatever else is passed. `transformers` detects documents from restarting
   `position_ids` only when there is neither an attention mask nor a cache; here a fresh forward pass (empty or
   no cache) is document-masked on every attention backend also with a cache (the default in eval mode) or a
-  padding mask.
+  padding mask. The documents can also be given apart from the positions, as `seq_idx` (the document of every
+  token, `transformers`' packed-batch argument): then they alone decide what attends to what, on every backend
+  (FlashAttention through its variable-length arguments), so that positions that do not restart can be masked
+  and restarting ones left unmasked.
 - The pretraining initialisation of the Apertus runs (output projections scaled by 1/sqrt(2 * layers)) and an
   `_init_weights` that covers every parameter and buffer, so `from_pretrained` with missing keys never leaves
   memory uninitialised.
@@ -31,6 +34,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.modeling_layers import (
     GenericForSequenceClassification,
     GenericForTokenClassification,
@@ -42,7 +46,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.generic import is_flash_attention_requested, merge_with_config_defaults
+from transformers.utils.import_utils import is_tracing
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_apertus import ApertusConfig
@@ -420,6 +425,21 @@ class ApertusPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
+def flash_attention_document_kwargs(seq_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """FlashAttention's variable-length arguments (`cu_seq_lens_q/k`, `max_length_q/k`) for the documents of `seq_idx`
+    (batch, seq): the batch flattened into one sequence of documents, each row starting a new one."""
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    # Zeros at the document starts make "position ids" whose restarts are exactly those starts.
+    (cu_seq_lens_q, cu_seq_lens_k), (max_length_q, max_length_k) = prepare_fa_kwargs_from_position_ids((~starts).int())
+    return {
+        "cu_seq_lens_q": cu_seq_lens_q,
+        "cu_seq_lens_k": cu_seq_lens_k,
+        "max_length_q": max_length_q,
+        "max_length_k": max_length_k,
+    }
+
+
 class ApertusModel(ApertusPreTrainedModel):
     def __init__(self, config: ApertusConfig):
         super().__init__(config)
@@ -473,6 +493,29 @@ class ApertusModel(ApertusPreTrainedModel):
 
         return same_document
 
+    @staticmethod
+    def given_document_mask_function(seq_idx: torch.Tensor, cache: Cache | None) -> Callable | None:
+        """A mask function keeping attention inside the documents of `seq_idx` (batch, seq): the document of every
+        token of a fresh forward pass. None when every row is a single document (plain causal attention)."""
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+        if isinstance(past_seen_tokens, int) and past_seen_tokens > 0:
+            raise ValueError(
+                f"seq_idx gives the documents of a fresh forward pass, but the cache already holds {past_seen_tokens} "
+                "tokens; pass seq_idx without a cache (or with an empty one)."
+            )
+        if not is_tracing(seq_idx) and bool((seq_idx == seq_idx[:, :1]).all()):
+            return None
+        last_index = seq_idx.shape[-1] - 1
+
+        def same_document(batch_idx, head_idx, q_idx, kv_idx):
+            # A static cache makes kv longer than the prompt; those slots are causally masked, the clamps only keep
+            # the lookups in bounds.
+            q_idx = torch.clamp(q_idx, max=last_index)
+            kv_idx = torch.clamp(kv_idx, max=last_index)
+            return seq_idx[batch_idx, q_idx] == seq_idx[batch_idx, kv_idx]
+
+        return same_document
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
@@ -500,13 +543,24 @@ class ApertusModel(ApertusPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
+        seq_idx = kwargs.pop("seq_idx", None)
+        if seq_idx is None:
+            mask_position_ids = position_ids
+            and_mask_function = self.document_mask_function(position_ids, attention_mask, cache, inputs_embeds.shape[0])
+        else:
+            # Given documents, not restarts of the position ids, decide what attends to what.
+            mask_position_ids = None
+            and_mask_function = self.given_document_mask_function(seq_idx, cache)
+            if is_flash_attention_requested(self.config) and attention_mask is None:
+                # FlashAttention takes no mask function: its variable-length kernel takes the documents as lengths.
+                kwargs.update(flash_attention_document_kwargs(seq_idx))
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
-            position_ids=position_ids,
-            and_mask_function=self.document_mask_function(position_ids, attention_mask, cache, inputs_embeds.shape[0]),
+            position_ids=mask_position_ids,
+            and_mask_function=and_mask_function,
         )
 
         hidden_states = inputs_embeds

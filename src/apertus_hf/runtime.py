@@ -26,9 +26,10 @@ def check_attn_implementation(requested: str) -> None:
 def resolve_attn_implementation(requested: str, device: torch.device) -> str:
     """The attention backend a run uses: `requested`, or for "auto" FlashAttention-2 where it runs, else SDPA.
 
-    FlashAttention-2 (`flash-attn`) on CUDA attends over packed rows as variable-length sequences: `transformers`
-    derives the document boundaries from the restarts of `position_ids` (the packed batches carry no attention
-    mask), so no (seq x seq) mask is built and masked-out blocks cost nothing. SDPA gets the document mask instead.
+    FlashAttention-2 (`flash-attn`) on CUDA attends over packed rows as variable-length sequences: the model turns the
+    batch's `seq_idx` (each token's document, from PackedBatchCollator) into FlashAttention's variable-length
+    arguments, so no (seq x seq) mask is built and masked-out blocks cost nothing. SDPA, eager and flex get a document
+    mask built from the same `seq_idx` instead.
     """
     check_attn_implementation(requested)
     if requested != "auto":

@@ -16,9 +16,9 @@ def random_rows(count: int, seq_len: int, vocab_size: int = 131_072) -> list[dic
     return rows
 
 
-def test_batch_is_three_long_tensors_of_shape_rows_by_seq_len():
+def test_batch_is_four_long_tensors_of_shape_rows_by_seq_len():
     batch = PackedBatchCollator()(random_rows(3, 20))
-    assert sorted(batch) == ["input_ids", "labels", "position_ids"]
+    assert sorted(batch) == ["input_ids", "labels", "position_ids", "seq_idx"]
     for tensor in batch.values():
         assert tensor.dtype == torch.long
         assert tensor.shape == (3, 20)
@@ -28,7 +28,10 @@ def test_goldfish_drops_equal_apply_goldfish_on_each_row():
     rows = random_rows(4, 64, vocab_size=50)
     batch = PackedBatchCollator(goldfish_k=3, goldfish_h=5)(rows)
     for row, labels in zip(rows, batch["labels"], strict=True):
-        torch.testing.assert_close(labels, apply_goldfish(torch.tensor(row["labels"]), 3, 5, IGNORE_INDEX))
+        expected = apply_goldfish(
+            torch.tensor(row["labels"]), 3, 5, IGNORE_INDEX, unmasked_labels=torch.tensor(row["input_ids"])
+        )
+        torch.testing.assert_close(labels, expected)
     assert (batch["labels"] == IGNORE_INDEX).sum() > 4  # something beyond the <s> positions was dropped
     torch.testing.assert_close(batch["input_ids"], torch.tensor([row["input_ids"] for row in rows]))
 

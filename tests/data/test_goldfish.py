@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from apertus_hf.data import apply_goldfish, goldfish_drop_mask
+from apertus_hf.data import IGNORE_INDEX, PackedBatchCollator, apply_goldfish, goldfish_drop_mask, pack_token_ids
 from apertus_hf.data.goldfish import GOLDFISH_TABLE_SIZE, _context_keys, _hash_table
 
 M = 1_000_003
@@ -203,6 +203,100 @@ def test_apply_goldfish_ignores_exactly_the_dropped_targets():
     assert torch.equal(labels, original)  # the input is left alone
     assert (masked[mask] == -100).all()
     assert torch.equal(masked[~mask], labels[~mask])
+
+
+BOS, EOS, PAD = 1, 2, 3  # the Apertus tokenizer's <s>, </s> and <pad>
+
+
+@pytest.fixture(scope="module")
+def packed_documents() -> tuple[list[list[int]], dict[str, torch.Tensor], int]:
+    """20 documents of 10..200 ids packed into rows of 512, the last row ending in padding."""
+    generator = torch.Generator().manual_seed(12)
+    lengths = torch.randint(10, 200, (20,), generator=generator).tolist()
+    documents = [torch.randint(4, VOCAB, (length,), generator=generator).tolist() for length in lengths]
+    seq_len = 512
+    rows = pack_token_ids(documents, seq_len, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+    columns = {name: torch.from_numpy(array).long() for name, array in rows.items()}
+    assert columns["input_ids"][-1, -1] == PAD  # the padding is part of what is compared
+    return documents, columns, seq_len
+
+
+def megatron_raw_label_rows(documents: list[list[int]], seq_len: int) -> list[list[int]]:
+    """The label rows swiss-ai/Megatron-LM hashes: `<s> doc </s>` back to back, padding 0 (SPEC section 3).
+
+    Built from the documents, not from the packed rows. Our labels are not shifted (the model shifts them), so a
+    row's raw labels are its token ids.
+    """
+    stream = [token for ids in documents for token in (BOS, *ids, EOS)]
+    stream += [0] * (-len(stream) % seq_len)
+    return [stream[start : start + seq_len] for start in range(0, len(stream), seq_len)]
+
+
+def megatron_drops(raw_labels: list[int], loss_mask: list[bool], k: int, h: int, table: list[float]) -> list[bool]:
+    """Megatron's `apply_goldfish` (megatron/core/datasets/gpt_dataset.py) on one row of raw label ids, then its
+    loss mask: the wrapped int64 product of the h ids ending at t, a floor modulo of the table size, and
+    table[key] < 1/k compared in float32 (the dtype of its table); targets t < h - 1 are never dropped."""
+    threshold = torch.tensor(1 / k, dtype=torch.float32).item()
+    drops = [False] * len(raw_labels)
+    for t in range(h - 1, len(raw_labels)):
+        product = 1
+        for token in raw_labels[t - h + 1 : t + 1]:
+            product = wrap_int64(product * token)
+        drops[t] = table[product % M] < threshold and loss_mask[t]
+    return drops
+
+
+def test_packed_rows_get_megatrons_drops_bit_for_bit(packed_documents, table):
+    k, h = 50, 50
+    documents, columns, seq_len = packed_documents
+    rows = [{name: column[i].numpy() for name, column in columns.items()} for i in range(len(columns["labels"]))]
+    labels = PackedBatchCollator(goldfish_k=k, goldfish_h=h)(rows)["labels"]
+    dropped = (labels == IGNORE_INDEX) & (columns["labels"] != IGNORE_INDEX)
+    raw_rows = megatron_raw_label_rows(documents, seq_len)
+    # Megatron's loss mask: --eod-mask-loss removes the <s> after every </s>, and padding is masked.
+    loss_masks = [[token not in (BOS, 0) for token in row] for row in raw_rows]
+    expected = torch.tensor([megatron_drops(r, m, k, h, table) for r, m in zip(raw_rows, loss_masks, strict=True)])
+    assert torch.equal(dropped, expected)
+    # The comparison covers the contexts that hold a document start: drops among the h - 1 targets after one.
+    starts = (columns["input_ids"] == BOS).nonzero().tolist()
+    assert sum(expected[row, start + 1 : start + h].sum().item() for row, start in starts) >= 5
+
+
+def test_hashing_ignore_index_at_document_starts_gives_other_drops(packed_documents):
+    # The previous definition hashed the labels as given, -100 at every document start and at the padding.
+    k, h = 50, 50
+    _, columns, _ = packed_documents
+    labels, input_ids = columns["labels"], columns["input_ids"]
+    megatron = goldfish_drop_mask(labels, k, h, unmasked_labels=input_ids)
+    hashing_ignore_index = goldfish_drop_mask(labels, k, h)
+    differences = (megatron != hashing_ignore_index).nonzero().tolist()
+    assert len(differences) >= 5
+    # They are the decisions whose context of h ids holds a document start, and no others.
+    for row, t in differences:
+        assert (input_ids[row, max(t - h + 1, 0) : t + 1] == BOS).any(), (row, t)
+
+
+def test_unmasked_labels_decide_and_labels_only_mask():
+    h = 4
+    unmasked = random_labels((3, 80), VOCAB, seed=13)
+    labels = unmasked.clone()
+    labels[:, ::9] = IGNORE_INDEX
+    mask = goldfish_drop_mask(labels, k=3, h=h, unmasked_labels=unmasked)
+    assert torch.equal(mask, goldfish_drop_mask(unmasked, k=3, h=h) & (labels != IGNORE_INDEX))
+    assert torch.equal(apply_goldfish(labels, 3, h, unmasked_labels=unmasked), labels.masked_fill(mask, IGNORE_INDEX))
+
+
+@pytest.mark.parametrize(
+    ("unmasked_labels", "error", "message"),
+    [
+        (torch.zeros(2, 10), TypeError, "unmasked_labels must hold integer token ids"),
+        ([0] * 20, TypeError, "unmasked_labels must be a torch.Tensor"),
+        (torch.zeros(2, 11, dtype=torch.long), ValueError, "unmasked_labels must have the shape and device"),
+    ],
+)
+def test_rejects_invalid_unmasked_labels(unmasked_labels, error, message):
+    with pytest.raises(error, match=message):
+        goldfish_drop_mask(torch.zeros(2, 10, dtype=torch.long), unmasked_labels=unmasked_labels)
 
 
 @pytest.mark.cuda

@@ -96,7 +96,7 @@ def test_resume_from_state_dict():
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"warmup_steps": 2.5}, "warmup_steps"),
         ({"total_steps": 0, "warmup_steps": 0}, "total_steps"),
-        ({"decay_steps": 0}, "decay_steps"),
+        ({"decay_steps": -1}, "decay_steps"),
         ({"decay_steps": 95}, "warmup_steps \\+ decay_steps"),
         ({"decay_steps": None}, "exactly one of decay_steps and decay_fraction"),
         ({"decay_fraction": 0.2}, "exactly one of decay_steps and decay_fraction"),

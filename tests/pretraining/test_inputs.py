@@ -74,7 +74,7 @@ def test_init_from_a_model_with_fewer_positions_than_seq_len_raises_its_config(t
     assert json.loads((base / "config.json").read_text())["max_position_embeddings"] == 32
     capsys.readouterr()
     AcceleratorState._reset_state(True)
-    result = pretrain(_two_steps(tmp_path / "long", small_corpus, init_from=str(base), seq_len=64))
+    result = pretrain(_two_steps(tmp_path / "long", small_corpus, init_from=str(base), model_overrides={}, seq_len=64))
     assert AutoConfig.from_pretrained(result.model_dir).max_position_embeddings == 64
     console = capsys.readouterr().err
     assert f"seq_len=64 is longer than the max_position_embeddings=32 of init_from={base}: raised to 64" in console

@@ -110,27 +110,6 @@ def test_the_tiny_recipe_is_the_embedded_default():
     assert {key: defaults[key] for key in written} == written
 
 
-def test_the_apertus_recipes_carry_the_spec_values():
-    eight_b = parse_recipe_args(PretrainConfig, ["--config", str(REPO_ROOT / "recipes/configs/8b/pretrain.yaml")])
-    seventy_b = parse_recipe_args(PretrainConfig, ["--config", str(REPO_ROOT / "recipes/configs/70b/pretrain.yaml")])
-    for config, processes in ((eight_b, 256), (seventy_b, 2048)):
-        assert (config.seq_len, config.goldfish_k, config.goldfish_h, config.max_grad_norm) == (4096, 50, 50, 0.1)
-        assert (config.adam_beta1, config.adam_beta2, config.ademamix_beta3, config.ademamix_alpha) == (
-            0.9,
-            0.999,
-            0.9999,
-            8.0,
-        )
-        assert (config.ademamix_warmup_steps, config.weight_decay, config.min_lr_ratio) == (100_000, 0.1, 0.1)
-        assert config.decay_shape == "1-sqrt" and config.decay_fraction == 0.11
-        # 16.78B warmup tokens.
-        rows_per_step = config.per_device_batch_size * processes
-        assert config.warmup_steps * rows_per_step * config.seq_len == pytest.approx(16.78e9, rel=0.01)
-        assert config.gradient_accumulation_at(config.max_steps - 1) == 2 * config.gradient_accumulation_at(0)
-    assert (eight_b.model_preset, eight_b.learning_rate) == ("apertus-8b", 1.1e-4)
-    assert (seventy_b.model_preset, seventy_b.learning_rate) == ("apertus-70b", 1e-5)
-
-
 # Several dataclasses from one recipe: the post-training recipes fill their own small one and a TRL config.
 
 

@@ -81,4 +81,4 @@ def test_init_from_another_architecture_is_refused_by_name(tmp_path, small_corpu
         LlamaConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     ).save_pretrained(other)
     with pytest.raises(ValueError, match="LlamaForCausalLM is not an apertus_hf model"):
-        pretrain(PretrainConfig(**tiny_run(tmp_path / "run", small_corpus, init_from=str(other))))
+        pretrain(PretrainConfig(**tiny_run(tmp_path / "run", small_corpus, init_from=str(other), model_overrides={})))

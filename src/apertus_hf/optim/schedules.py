@@ -8,6 +8,8 @@ before its cooldown. Apertus cools down with the "1-sqrt" shape to 10% of the pe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -31,8 +33,8 @@ def _check_wsd_arguments(
         raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
     if not _is_int(warmup_steps) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-    if not _is_int(decay_steps) or decay_steps < 1:
-        raise ValueError(f"decay_steps must be an integer >= 1, got {decay_steps!r}")
+    if not _is_int(decay_steps) or decay_steps < 0:
+        raise ValueError(f"decay_steps must be an integer >= 0 (0: no cooldown), got {decay_steps!r}")
     if warmup_steps + decay_steps > total_steps:
         raise ValueError(
             f"warmup_steps + decay_steps must be <= total_steps, got {warmup_steps} + {decay_steps} > {total_steps}"
@@ -76,7 +78,7 @@ def _wsd_factor(
     if step < warmup_steps:
         return step / warmup_steps
     decay_start = total_steps - decay_steps
-    if step < decay_start:
+    if step < decay_start or decay_steps == 0:
         return 1.0
     progress = min((step - decay_start) / decay_steps, 1.0)
     return min_lr_ratio + (1.0 - min_lr_ratio) * _DECAY_SHAPES[decay_shape](progress)
@@ -93,11 +95,19 @@ class WSDSchedule(LRScheduler):
         optimizer: the wrapped optimizer.
         warmup_steps: steps of linear warmup from 0 to the peak, >= 0.
         total_steps: length of the run in optimizer steps, >= 1.
-        decay_steps: steps of cooldown at the end of the run, >= 1. Give this or `decay_fraction`.
-        decay_fraction: cooldown length as a fraction of `total_steps`, in (0, 1], rounded to whole steps.
+        decay_steps: steps of cooldown at the end of the run, >= 0 (0: constant after the warmup, as the long-context
+            stages run). Give this or `decay_fraction`.
+        decay_fraction: cooldown length as a fraction of `total_steps`, in [0, 1], rounded to whole steps.
         min_lr_ratio: learning rate at the end of the cooldown as a fraction of the peak, in [0, 1].
         decay_shape: "1-sqrt" (Apertus), "linear" or "cosine".
         last_epoch: index of the last step taken, -1 to start a run (the `LRScheduler` convention).
+        step_position: maps the scheduler step s to the schedule's position; `warmup_steps`, `total_steps` and
+            `decay_steps` are then in its unit. Megatron-LM counts the schedule in samples: with
+            `step_position = lambda s: samples consumed before step s`, the learning rate follows the samples across a
+            change of the batch size (apertus_hf.pretraining.plan). None: the position is the step. It is not part of
+            the state dict; the resuming code passes it again.
+        position_unit: the unit of the position ("steps", "samples"), kept in the state dict so that a resume can
+            tell a schedule counted in another unit.
     """
 
     def __init__(
@@ -110,14 +120,16 @@ class WSDSchedule(LRScheduler):
         min_lr_ratio: float = 0.1,
         decay_shape: str = "1-sqrt",
         last_epoch: int = -1,
+        step_position: Callable[[int], int] | None = None,
+        position_unit: str = "steps",
     ):
         if (decay_steps is None) == (decay_fraction is None):
             raise ValueError(
                 f"give exactly one of decay_steps and decay_fraction, got {decay_steps=} and {decay_fraction=}"
             )
         if decay_fraction is not None:
-            if not 0.0 < decay_fraction <= 1.0:
-                raise ValueError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
+            if not 0.0 <= decay_fraction <= 1.0:
+                raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
             if not _is_int(total_steps):
                 raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
             decay_steps = round(decay_fraction * total_steps)
@@ -128,10 +140,17 @@ class WSDSchedule(LRScheduler):
         self.decay_steps = decay_steps
         self.min_lr_ratio = min_lr_ratio
         self.decay_shape = decay_shape
+        self.step_position = step_position
+        self.position_unit = position_unit
         super().__init__(optimizer, last_epoch)
 
+    def state_dict(self) -> dict[str, Any]:
+        # A function is no state (and would not survive torch.load(weights_only=True)).
+        return {key: value for key, value in super().state_dict().items() if key != "step_position"}
+
     def get_lr(self) -> list[float | torch.Tensor]:
+        position = self.step_position(self.last_epoch) if self.step_position is not None else self.last_epoch
         factor = _wsd_factor(
-            self.last_epoch, self.warmup_steps, self.total_steps, self.decay_steps, self.min_lr_ratio, self.decay_shape
+            position, self.warmup_steps, self.total_steps, self.decay_steps, self.min_lr_ratio, self.decay_shape
         )
         return [base_lr * factor for base_lr in self.base_lrs]

@@ -41,6 +41,7 @@ from .checkpointing import TrainingProgress, load_latest_checkpoint
 from .config import PretrainConfig
 from .logs import CONSOLE, RunLogs
 from .metrics import MetricsFile, StepRecords, peak_flops_per_device, training_flops_per_token
+from .plan import RunPlan
 from .run_folder import CHECKPOINTS_DIR_NAME, METRICS_FILE_NAME, plan_run_folder
 
 logger = logging.getLogger("apertus_hf.pretraining")
@@ -59,16 +60,21 @@ class Run:
     """As prepared by accelerate (wrapped by DDP or DeepSpeed in a distributed run)."""
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    train_loader: DataLoader
+    plan: RunPlan
+    """Global batch, schedule position and data stage of every optimizer step."""
+    train_loaders: list[DataLoader]
+    """One per data stage (one without stages), each with its stage's data seed."""
     eval_loader: DataLoader | None
     progress: TrainingProgress
     """Optimizer steps, tokens and data position; saved with every checkpoint."""
     records: StepRecords
     """The per-step metrics, written to output_dir/metrics.jsonl and the trackers."""
-    tokens_per_micro_batch: int
-    """Over all processes."""
     flops_per_token: float
     peak_flops: float | None
+
+    def tokens_of_step(self, step: int) -> int:
+        """Tokens of optimizer step `step` over all processes."""
+        return self.plan.rows_at(step) * self.config.seq_len
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -98,65 +104,83 @@ def data_sources(entries: list[dict[str, Any]], option: str) -> list[DataSource]
     return sources
 
 
-def _build_accelerator(config: PretrainConfig) -> Accelerator:
+def _build_accelerator(config: PretrainConfig) -> tuple[Accelerator, RunPlan]:
     init_cpu_process_group()
     accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_at(0),
         log_with=config.report_to or None,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         # The WSD schedule counts optimizer steps; by default accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
     )
+    # The plan needs the number of processes: a global batch in rows becomes micro-batches per process.
+    plan = config.run_plan(accelerator.num_processes)
+    accumulation = plan.micro_batches_at(0)
+    accelerator.gradient_accumulation_steps = accumulation
     deepspeed_plugin = accelerator.state.deepspeed_plugin
     if deepspeed_plugin is not None:
         # The recipe, not the engine's config file, owns clipping and the batch shape.
         ds_config = deepspeed_plugin.deepspeed_config
         ds_config["gradient_clipping"] = config.max_grad_norm
-        ds_config["gradient_accumulation_steps"] = config.gradient_accumulation_at(0)
+        ds_config["gradient_accumulation_steps"] = accumulation
         ds_config["train_micro_batch_size_per_gpu"] = config.per_device_batch_size
-        ds_config["train_batch_size"] = (
-            config.per_device_batch_size * config.gradient_accumulation_at(0) * accelerator.num_processes
-        )
-    return accelerator
+        ds_config["train_batch_size"] = plan.rows_at(0)
+    return accelerator, plan
+
+
+def stage_sources(config: PretrainConfig) -> list[list[DataSource]]:
+    """The DataSources of each data stage (one stage, `data`, without `stages`), each local path checked."""
+    if not config.stages:
+        return [data_sources(config.data, "data")]
+    return [data_sources(stage["data"], f"stages[{index}].data") for index, stage in enumerate(config.stages)]
 
 
 def _build_datasets(
     config: PretrainConfig,
-    sources: list[DataSource],
+    sources_of_stages: list[list[DataSource]],
+    seeds: list[int],
     eval_sources: list[DataSource],
     tokenizer: PreTrainedTokenizerBase,
     accelerator: Accelerator,
 ):
-    """Packed training rows and (possibly None) packed evaluation rows. Records skipped with on_bad_record="skip" are
-    reported by `load_documents` itself (for a stream, as it is read)."""
+    """Packed training rows of each stage and (possibly None) packed evaluation rows, held out of the first stage when
+    there is no eval_data. Records skipped with on_bad_record="skip" are reported by `load_documents` itself (for a
+    stream, as it is read). A stream is read only as training consumes it, so a later stage costs nothing up front."""
     # The main process tokenizes first and fills the `datasets` cache; the others then read it instead of racing.
     with accelerator.main_process_first():
-        load = {"streaming": config.streaming, "seed": config.seed, "on_bad_record": config.on_bad_record}
-        documents = load_documents(sources, **load)
-        eval_documents = None
-        if eval_sources:
-            eval_documents = load_documents(eval_sources, **load)
-        elif config.eval_documents:
-            if config.streaming:
-                eval_documents = documents.take(config.eval_documents)
-                documents = documents.skip(config.eval_documents)
-            else:
-                if config.eval_documents >= len(documents):
-                    raise ValueError(
-                        f"eval_documents={config.eval_documents} holds out the whole corpus ({len(documents)} "
-                        "documents); lower it or give eval_data."
-                    )
-                split = documents.train_test_split(test_size=config.eval_documents, seed=config.seed)
-                documents, eval_documents = split["train"], split["test"]
-        if config.streaming:
-            documents = documents.shuffle(seed=config.seed, buffer_size=10_000)
         pack = {"num_proc": config.tokenization_processes}
-        train_rows = tokenize_and_pack(documents, tokenizer, config.seq_len, **pack)
+        train_rows, eval_documents = [], None
+        for index, (sources, seed) in enumerate(zip(sources_of_stages, seeds, strict=True)):
+            load = {"streaming": config.streaming, "seed": seed, "on_bad_record": config.on_bad_record}
+            documents = load_documents(sources, **load)
+            if index == 0 and eval_sources:
+                eval_documents = load_documents(eval_sources, **load)
+            elif index == 0 and config.eval_documents:
+                if config.streaming:
+                    eval_documents = documents.take(config.eval_documents)
+                    documents = documents.skip(config.eval_documents)
+                else:
+                    if config.eval_documents >= len(documents):
+                        raise ValueError(
+                            f"eval_documents={config.eval_documents} holds out the whole corpus ({len(documents)} "
+                            "documents); lower it or give eval_data."
+                        )
+                    split = documents.train_test_split(test_size=config.eval_documents, seed=seed)
+                    documents, eval_documents = split["train"], split["test"]
+            if config.streaming:
+                documents = documents.shuffle(seed=seed, buffer_size=10_000)
+            train_rows.append(tokenize_and_pack(documents, tokenizer, config.seq_len, **pack))
         eval_rows = None
         if eval_documents is not None:
             eval_rows = tokenize_and_pack(eval_documents, tokenizer, config.seq_len, **pack)
     return train_rows, eval_rows
+
+
+def _prepare_stage_loader(accelerator: Accelerator, loader: DataLoader, seed: int) -> DataLoader:
+    """`accelerator.prepare(loader)` with the stage's data seed: accelerate's seedable sampler takes its seed from
+    the dataloader configuration when the loader is prepared (tests/test_upstream_contracts.py checks it)."""
+    accelerator.dataloader_config.data_seed = seed
+    return accelerator.prepare(loader)
 
 
 def pretraining_model_config(
@@ -196,6 +220,32 @@ def _init_config(init_from: str) -> PreTrainedConfig:
         ) from error
 
 
+INIT_FROM_OVERRIDES = ("rope_parameters", "max_position_embeddings")
+"""The model_overrides that may change a model loaded with init_from: they set how positions are encoded, not the
+shape of the weights (the long-context stages raise both)."""
+
+
+def _override_init_config(init_config: PreTrainedConfig, overrides: dict[str, Any], init_from: str) -> None:
+    """Apply `overrides` (model_overrides) to the config of the model at `init_from`: rope_parameters are merged key
+    by key into the loaded model's, max_position_embeddings is replaced; any other key must keep the loaded value,
+    since the weights have that architecture."""
+    for key, value in overrides.items():
+        if key == "rope_parameters":
+            init_config.rope_parameters = {**(init_config.rope_parameters or {}), **value}
+        elif key == "max_position_embeddings":
+            init_config.max_position_embeddings = value
+        elif not hasattr(init_config, key) or getattr(init_config, key) != value:
+            raise ValueError(
+                f"model_overrides sets {key}={value!r}, but the model of init_from={init_from} has "
+                f"{key}={getattr(init_config, key, None)!r}: its weights cannot change architecture. With init_from, "
+                f"model_overrides may only set {', '.join(INIT_FROM_OVERRIDES)}."
+            )
+    try:
+        init_config.validate()
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"model_overrides {overrides!r} on the model of init_from={init_from}: {error}") from error
+
+
 def _build_model(
     config: PretrainConfig,
     init_config: PreTrainedConfig | None,
@@ -209,8 +259,8 @@ def _build_model(
             # The exported config must not claim fewer positions than the model was trained on.
             logger.warning(
                 "seq_len=%d is longer than the max_position_embeddings=%d of init_from=%s: raised to %d in the "
-                "model's config (RoPE's frequencies are unchanged; set rope parameters in a new model for long-context "
-                "scaling).",
+                "model's config (RoPE's frequencies are unchanged; for long-context scaling set model_overrides "
+                "{rope_parameters: {rope_theta: ...}, max_position_embeddings: ...}).",
                 config.seq_len,
                 positions,
                 config.init_from,
@@ -259,17 +309,28 @@ def _build_optimizer(config: PretrainConfig, model: torch.nn.Module) -> torch.op
     )
 
 
-def _warn_about_changed_schedule(scheduler: WSDSchedule, config: PretrainConfig) -> None:
-    """A checkpoint restores the schedule it was saved with; say so when the recipe now asks for another."""
-    saved = (scheduler.warmup_steps, scheduler.total_steps, scheduler.decay_shape, scheduler.min_lr_ratio)
-    wanted = (config.warmup_steps, config.max_steps, config.decay_shape, config.min_lr_ratio)
+def _check_resumed_schedule(scheduler: WSDSchedule, config: PretrainConfig, plan: RunPlan) -> None:
+    """A checkpoint restores the schedule it was saved with. Counted in another unit (steps vs samples) it cannot
+    continue; with other lengths it continues as saved (e.g. a run extended by raising max_steps keeps its cooldown),
+    and the user is told."""
+    if scheduler.position_unit != plan.unit:
+        raise ValueError(
+            f"The checkpoint's learning-rate schedule is counted in {scheduler.position_unit}, the recipe's in "
+            f"{plan.unit}. Resume with the schedule options the run was started with, or train on with the new "
+            "schedule in a new output_dir with init_from=<this run's exported model>."
+        )
+    saved = (scheduler.warmup_steps, scheduler.decay_steps, scheduler.total_steps)
+    saved += (scheduler.decay_shape, scheduler.min_lr_ratio)
+    wanted = (plan.warmup, plan.decay, plan.total, config.decay_shape, config.min_lr_ratio)
     if saved != wanted:
         logger.warning(
-            "The checkpoint's learning-rate schedule (warmup, total steps, shape, min ratio) = %s differs from the "
-            "recipe's %s; the checkpoint's is kept, so that the resumed run continues the saved one. Start a new "
-            "output_dir with init_from=<exported model> to train on with another schedule.",
+            "The checkpoint's learning-rate schedule (warmup, cooldown, total in %s, shape, min ratio) = %s differs "
+            "from the recipe's %s; the checkpoint's is kept, so that the resumed run continues the saved one. Start a "
+            "new output_dir with init_from=<exported model> to train on with another schedule.",
+            plan.unit,
             saved,
             wanted,
+            extra=CONSOLE,
         )
 
 
@@ -302,13 +363,16 @@ def build_run(config: PretrainConfig) -> Run:
     """Check the inputs, settle the run folder, and build (or resume) the run; its logs go to the console and
     output_dir/train.log until `run.close()`."""
     tokenizer = load_tokenizer(config.tokenizer, "tokenizer")
-    init_config = _init_config(config.init_from) if config.init_from else None
-    sources, eval_sources = data_sources(config.data, "data"), data_sources(config.eval_data, "eval_data")
+    init_config = None
+    if config.init_from:
+        init_config = _init_config(config.init_from)
+        _override_init_config(init_config, config.model_overrides, config.init_from)
+    sources_of_stages, eval_sources = stage_sources(config), data_sources(config.eval_data, "eval_data")
 
-    accelerator = _build_accelerator(config)
+    accelerator, plan = _build_accelerator(config)
     logs = RunLogs(accelerator.is_main_process, accelerator.process_index, accelerator.num_processes)
     try:
-        return _build_run(config, accelerator, logs, tokenizer, init_config, sources, eval_sources)
+        return _build_run(config, accelerator, plan, logs, tokenizer, init_config, sources_of_stages, eval_sources)
     except BaseException:
         logs.close()
         raise
@@ -317,10 +381,11 @@ def build_run(config: PretrainConfig) -> Run:
 def _build_run(
     config: PretrainConfig,
     accelerator: Accelerator,
+    plan: RunPlan,
     logs: RunLogs,
     tokenizer: PreTrainedTokenizerBase,
     init_config: PreTrainedConfig | None,
-    sources: list[DataSource],
+    sources_of_stages: list[list[DataSource]],
     eval_sources: list[DataSource],
 ) -> Run:
     threads, threads_reason = cpu_thread_count(config.cpu_threads, accelerator.device, accelerator.num_processes)
@@ -346,32 +411,53 @@ def _build_run(
     )
     set_seed(config.seed)
 
-    train_rows, eval_rows = _build_datasets(config, sources, eval_sources, tokenizer, accelerator)
+    seeds = [stage.seed for stage in plan.stages] or [config.seed]
+    train_rows, eval_rows = _build_datasets(config, sources_of_stages, seeds, eval_sources, tokenizer, accelerator)
     goldfish_k = config.goldfish_k if config.goldfish else None
-    train_loader = DataLoader(
-        train_rows,
-        batch_size=config.per_device_batch_size,
-        shuffle=not config.streaming,
-        drop_last=True,
-        collate_fn=PackedBatchCollator(goldfish_k=goldfish_k, goldfish_h=config.goldfish_h),
-    )
+    train_loaders = [
+        DataLoader(
+            rows,
+            batch_size=config.per_device_batch_size,
+            shuffle=not config.streaming,
+            drop_last=True,
+            collate_fn=PackedBatchCollator(
+                goldfish_k=goldfish_k,
+                goldfish_h=config.goldfish_h,
+                document_masking=config.document_masking,
+                reset_position_ids=config.reset_position_ids,
+            ),
+        )
+        for rows in train_rows
+    ]
     eval_loader = None
     if eval_rows is not None:
         eval_loader = DataLoader(
-            eval_rows, batch_size=config.per_device_batch_size, collate_fn=PackedBatchCollator(goldfish_k=None)
+            eval_rows,
+            batch_size=config.per_device_batch_size,
+            collate_fn=PackedBatchCollator(
+                goldfish_k=None,
+                document_masking=config.document_masking,
+                reset_position_ids=config.reset_position_ids,
+            ),
         )
 
     model = _build_model(config, init_config, tokenizer, accelerator.device)
     optimizer = _build_optimizer(config, model)
     scheduler = WSDSchedule(
         optimizer,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.max_steps,
-        decay_fraction=config.decay_fraction,
+        warmup_steps=plan.warmup,
+        total_steps=plan.total,
+        decay_steps=plan.decay,
         min_lr_ratio=config.min_lr_ratio,
         decay_shape=config.decay_shape,
+        step_position=plan.schedule_position,
+        position_unit=plan.unit,
     )
-    model, optimizer, scheduler, train_loader = accelerator.prepare(model, optimizer, scheduler, train_loader)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    train_loaders = [
+        _prepare_stage_loader(accelerator, loader, seed) for loader, seed in zip(train_loaders, seeds, strict=True)
+    ]
+    accelerator.dataloader_config.data_seed = config.seed
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     progress = TrainingProgress()
@@ -389,7 +475,7 @@ def _build_run(
             extra=CONSOLE,
         )
         metrics.truncate_after(progress.step)
-        _warn_about_changed_schedule(scheduler.scheduler, config)
+        _check_resumed_schedule(scheduler.scheduler, config, plan)
         _warn_about_changed_cpu_threads(progress.cpu_threads, accelerator.device)
     progress.cpu_threads = torch.get_num_threads()  # what the next checkpoints record
     if config.report_to:
@@ -428,11 +514,11 @@ def _build_run(
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        train_loader=train_loader,
+        plan=plan,
+        train_loaders=train_loaders,
         eval_loader=eval_loader,
         progress=progress,
         records=StepRecords(accelerator, metrics, bool(config.report_to), flops_per_token, peak_flops),
-        tokens_per_micro_batch=config.per_device_batch_size * config.seq_len * accelerator.num_processes,
         flops_per_token=flops_per_token,
         peak_flops=peak_flops,
     )

@@ -31,6 +31,8 @@ class TrainingProgress:
     the same data stream at the same place."""
 
     step: int = 0
+    stage: int = 0
+    """Data stage being read (0 without stages); epoch and micro_batches_in_epoch count within it."""
     epoch: int = 0
     micro_batches_in_epoch: int = 0
     tokens_seen: int = 0

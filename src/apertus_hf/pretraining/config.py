@@ -18,9 +18,13 @@ import yaml
 from ..configuration_apertus import PRESETS
 from ..runtime import check_attn_implementation
 from ..training_facts import portable_path
+from .plan import RunPlan, batch_segments_in_samples, batch_segments_in_steps, resolve_stages, steps_for_samples
 
 RECIPE_FILE_NAME = "pretrain_config.yaml"
 """The resolved options of a run, saved in its output_dir and with its exported model (loadable with `--config`)."""
+
+DEFAULT_DATA = [{"path": "data/corpus"}]
+"""The embedded default run's training data: the corpus shipped in data/."""
 
 PATH_OPTIONS = ("output_dir", "init_from", "tokenizer")
 """The options that hold a path (besides the `path` of each data source)."""
@@ -78,7 +82,9 @@ class PretrainConfig:
         metadata={
             "help": (
                 "ApertusConfig fields set on top of the preset, e.g. {num_hidden_layers: 8}. The vocabulary size always "
-                "follows the tokenizer."
+                "follows the tokenizer. With init_from they apply to the loaded model's config and may only set "
+                "rope_parameters (merged key by key, e.g. {rope_parameters: {rope_theta: 2000000}}) and "
+                "max_position_embeddings; a key that would change the architecture is refused."
             )
         },
     )
@@ -86,8 +92,9 @@ class PretrainConfig:
         default=None,
         metadata={
             "help": (
-                "Continue pretraining from this model folder or Hub id instead of a fresh initialisation "
-                "(model_preset and model_overrides are then ignored)."
+                "Continue pretraining from this model folder or Hub id instead of a fresh initialisation: its weights "
+                "only, with a new optimizer and schedule (Megatron's --finetune). model_preset is then ignored, and "
+                "model_overrides may only set the RoPE parameters and max_position_embeddings (long-context stages)."
             )
         },
     )
@@ -138,7 +145,7 @@ class PretrainConfig:
         },
     )
     data: list[dict[str, Any]] = field(
-        default_factory=lambda: [{"path": "data/corpus"}],
+        default_factory=lambda: [dict(source) for source in DEFAULT_DATA],
         metadata={
             "help": (
                 "Training sources, each a mapping with `path` (file, folder, glob or Hub dataset id) and optionally `weight`, "
@@ -180,6 +187,19 @@ class PretrainConfig:
         default=None,
         metadata={"help": "Processes for tokenization (datasets num_proc); None tokenizes in the main process."},
     )
+    stages: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata={
+            "help": (
+                "Data stages, in the order they run, each a mapping with `data` (sources, as the `data` option), "
+                "optionally `name` and `seed` (the data seed of the stage; default seed + its index) and where it "
+                "starts: `start_step`, `start_sample` or `start_tokens` (the first stage starts at step 0). At a "
+                "switch the data seed changes and the stage's data starts from its first sample, as in the Apertus "
+                "run. Empty: one stage of `data`; with stages, `data` must be left empty. Held-out evaluation "
+                "documents come from the first stage when eval_data is empty."
+            )
+        },
+    )
 
     # Goldfish loss
     goldfish: bool = field(
@@ -197,15 +217,64 @@ class PretrainConfig:
         default=50, metadata={"help": "Goldfish context width: the number of label ids hashed per decision."}
     )
 
+    # Documents and loss
+    document_masking: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Keep attention inside each packed document (Megatron's --reset-attention-mask), on every attention "
+                "backend. false: each packed row is attended causally as a whole, across its documents, which is what "
+                "Megatron's Transformer Engine attention ran even with that flag (docs/document_masking.md); the "
+                "long-context recipes turn it off."
+            )
+        },
+    )
+    reset_position_ids: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Restart the position ids at each packed document (Megatron's --reset-position-ids); false: they run "
+                "0 .. seq_len-1 along each row. Independent of document_masking."
+            )
+        },
+    )
+    loss_averaging: Literal["per_token", "per_micro_batch"] = field(
+        default="per_token",
+        metadata={
+            "help": (
+                "per_token: the loss of a step is the mean over all its kept targets, on every micro-batch and "
+                "process, as in one large batch. per_micro_batch: the mean over each micro-batch's kept targets, then "
+                "averaged over micro-batches and processes, as Megatron without --calculate-per-token-loss (the Apertus "
+                "runs); a micro-batch with few targets then weighs as much as a full one."
+            )
+        },
+    )
+
     # Batch
     per_device_batch_size: int = field(default=16, metadata={"help": "Packed rows per device and micro-batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "Micro-batches per optimizer step (derived from global_batch_size when that is set)."},
+    )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Rows per optimizer step over all processes (Megatron's --global-batch-size). None: "
+                "per_device_batch_size x gradient_accumulation_steps x processes. When set, the accumulation steps "
+                "are derived from it (it must be a multiple of per_device_batch_size x processes); train_samples "
+                "needs it."
+            )
+        },
+    )
     batch_ramp: list[list[int]] = field(
         default_factory=list,
         metadata={
             "help": (
-                "Batch-size ramp as [[step, gradient_accumulation_steps], ...]: from each optimizer step on, use that many "
-                "micro-batches (Apertus doubles its global batch mid-run, keeping the learning rate)."
+                "Batch-size changes mid-run, keeping the learning rate (Apertus doubles its global batch). Counted in "
+                "steps: [[step, gradient_accumulation_steps], ...], from that optimizer step on. With train_samples: "
+                "[[sample, global_batch_size], ...], from the first step at or after that many consumed samples "
+                "(Megatron's consumed-samples counter)."
             )
         },
     )
@@ -234,11 +303,40 @@ class PretrainConfig:
         default=0.1, metadata={"help": "Gradient clipping by global norm (Apertus: 0.1); 0 disables it."}
     )
 
-    # Schedule (warmup-stable-decay)
-    max_steps: int = field(default=180, metadata={"help": "Optimizer steps of the run."})
+    # Schedule (warmup-stable-decay), counted in optimizer steps or, with train_samples, in samples
+    max_steps: int = field(
+        default=180,
+        metadata={"help": "Optimizer steps of the run (derived from train_samples when that is set)."},
+    )
     warmup_steps: int = field(default=18, metadata={"help": "Linear warmup steps from 0 to the peak learning rate."})
     decay_fraction: float = field(
-        default=0.2, metadata={"help": "Fraction of the run spent in the final cooldown (Apertus: ~0.11)."}
+        default=0.2,
+        metadata={
+            "help": (
+                "Fraction of the run spent in the final cooldown (Apertus: ~0.11); 0: none, the learning rate stays at "
+                "its peak after the warmup (the long-context stages)."
+            )
+        },
+    )
+    train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Count the run and its schedule in samples (rows of seq_len tokens), as Megatron-LM's --train-samples: "
+                "the run takes every full global batch that fits in this many samples, and the learning rate of a step "
+                "follows the samples consumed before it, also across a batch_ramp. Needs global_batch_size, "
+                "warmup_samples and decay_samples; max_steps is then derived, and warmup_steps and decay_fraction are "
+                "not used. None: count in steps."
+            )
+        },
+    )
+    warmup_samples: int | None = field(
+        default=None,
+        metadata={"help": "With train_samples: linear warmup over this many samples (--lr-warmup-samples)."},
+    )
+    decay_samples: int | None = field(
+        default=None,
+        metadata={"help": "With train_samples: the cooldown's length in samples (--lr-wsd-decay-samples); 0: none."},
     )
     decay_shape: Literal["1-sqrt", "linear", "cosine"] = field(
         default="1-sqrt", metadata={"help": "Shape of the cooldown."}
@@ -329,38 +427,142 @@ class PretrainConfig:
             raise ValueError(f"model_preset={self.model_preset!r} is not a preset; choose one of {sorted(PRESETS)}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate={self.learning_rate} must be a positive number.")
-        if not 0.0 < self.decay_fraction <= 1.0 or round(self.decay_fraction * self.max_steps) < 1:
+        if not self.data and not self.stages:
+            raise ValueError("data is empty; give at least one source, e.g. [{path: data/corpus}].")
+        if self.stages:
+            if self.data not in ([], DEFAULT_DATA):
+                raise ValueError(
+                    "Both data and stages are set; with stages, give each stage's sources in its `data` and leave the "
+                    "top-level data out."
+                )
+            self.data = []
+        for sources_name in ("data", "eval_data"):
+            for source in getattr(self, sources_name):
+                if "path" not in source:
+                    raise ValueError(f"Every entry of {sources_name} needs a `path`; got {source!r}.")
+        if self.global_batch_size is not None and (
+            self.global_batch_size < 1 or self.global_batch_size % self.per_device_batch_size
+        ):
             raise ValueError(
-                f"decay_fraction={self.decay_fraction} x max_steps={self.max_steps} must give at least one cooldown "
-                "step (and decay_fraction must be in (0, 1]); raise decay_fraction or max_steps."
+                f"global_batch_size={self.global_batch_size} must be a positive multiple of per_device_batch_size="
+                f"{self.per_device_batch_size} (times the number of processes)."
+            )
+        if self.train_samples is None:
+            self._check_step_schedule()
+        else:
+            self._check_sample_schedule()
+            self.max_steps = steps_for_samples(
+                batch_segments_in_samples(self.batch_ramp, self.global_batch_size), self.train_samples
+            )
+            if self.max_steps < 1:
+                raise ValueError(
+                    f"train_samples={self.train_samples:,} is less than one global batch ({self.global_batch_size})."
+                )
+        # Structure and order of the stages; their start steps are resolved again with the real process count.
+        self.run_plan(processes=1)
+        if self.loss_averaging not in ("per_token", "per_micro_batch"):
+            raise ValueError(f"loss_averaging={self.loss_averaging!r} must be per_token or per_micro_batch.")
+
+    def _check_step_schedule(self) -> None:
+        for name in ("warmup_samples", "decay_samples"):
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name} counts the schedule in samples and needs train_samples; set both, or neither."
+                )
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction={self.decay_fraction} must be in [0, 1] (0: no cooldown).")
+        if self.decay_fraction > 0 and round(self.decay_fraction * self.max_steps) < 1:
+            raise ValueError(
+                f"decay_fraction={self.decay_fraction} x max_steps={self.max_steps} rounds to no cooldown step; raise "
+                "decay_fraction or max_steps, or set decay_fraction 0 for a constant learning rate after the warmup."
             )
         if self.warmup_steps + round(self.decay_fraction * self.max_steps) > self.max_steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} plus the cooldown ({self.decay_fraction} x max_steps="
                 f"{self.max_steps}) exceed max_steps; shorten the warmup or lower decay_fraction."
             )
-        if not self.data:
-            raise ValueError("data is empty; give at least one source, e.g. [{path: data/corpus}].")
-        for sources_name in ("data", "eval_data"):
-            for source in getattr(self, sources_name):
-                if "path" not in source:
-                    raise ValueError(f"Every entry of {sources_name} needs a `path`; got {source!r}.")
         previous_step = 0
         for entry in self.batch_ramp:
             if len(entry) != 2 or entry[0] <= previous_step or entry[1] < 1:
                 raise ValueError(
                     f"batch_ramp={self.batch_ramp} must list [step, gradient_accumulation_steps] pairs with "
-                    "increasing steps > 0 and accumulation steps >= 1."
+                    "increasing steps > 0 and accumulation steps >= 1 (with train_samples: [sample, global_batch_size])."
                 )
             previous_step = entry[0]
 
-    def gradient_accumulation_at(self, step: int) -> int:
-        """Micro-batches of optimizer step `step` (0-based), following `batch_ramp`."""
-        accumulation = self.gradient_accumulation_steps
-        for ramp_step, ramp_accumulation in self.batch_ramp:
-            if step >= ramp_step:
-                accumulation = ramp_accumulation
-        return accumulation
+    def _check_sample_schedule(self) -> None:
+        missing = [
+            name for name in ("global_batch_size", "warmup_samples", "decay_samples") if getattr(self, name) is None
+        ]
+        if missing:
+            raise ValueError(
+                f"train_samples counts the schedule in samples and needs {', '.join(missing)} too (Megatron's "
+                "--global-batch-size, --lr-warmup-samples, --lr-wsd-decay-samples)."
+            )
+        if self.train_samples < 1 or self.warmup_samples < 0 or self.decay_samples < 0:
+            raise ValueError("train_samples must be >= 1, warmup_samples and decay_samples >= 0.")
+        if self.warmup_samples + self.decay_samples > self.train_samples:
+            raise ValueError(
+                f"warmup_samples={self.warmup_samples:,} plus decay_samples={self.decay_samples:,} exceed train_samples="
+                f"{self.train_samples:,}; shorten the warmup or the cooldown."
+            )
+        previous_sample = 0
+        for entry in self.batch_ramp:
+            if len(entry) != 2 or not previous_sample < entry[0] < self.train_samples or entry[1] < 1:
+                raise ValueError(
+                    f"batch_ramp={self.batch_ramp} must list [sample, global_batch_size] pairs with increasing samples "
+                    f"inside the run (0 < sample < train_samples={self.train_samples:,}) and sizes >= 1."
+                )
+            if entry[1] % self.per_device_batch_size:
+                raise ValueError(
+                    f"batch_ramp's global_batch_size {entry[1]} is no multiple of per_device_batch_size="
+                    f"{self.per_device_batch_size}."
+                )
+            previous_sample = entry[0]
+
+    def run_plan(self, processes: int) -> RunPlan:
+        """The run's steps, batch sizes, schedule positions and data stages with `processes` data-parallel processes."""
+        rows_per_micro_batch = self.per_device_batch_size * processes
+        if self.train_samples is None:
+            accumulation = self.gradient_accumulation_steps
+            if self.global_batch_size is not None:
+                accumulation = self._micro_batches(self.global_batch_size, rows_per_micro_batch, processes)
+            segments = batch_segments_in_steps(self.batch_ramp, rows_per_micro_batch, accumulation)
+            plan = RunPlan(
+                self.seq_len,
+                "steps",
+                segments,
+                self.max_steps,
+                warmup=self.warmup_steps,
+                decay=round(self.decay_fraction * self.max_steps),
+                total=self.max_steps,
+                rows_per_micro_batch=rows_per_micro_batch,
+            )
+        else:
+            segments = batch_segments_in_samples(self.batch_ramp, self.global_batch_size)
+            for segment in segments:
+                self._micro_batches(segment.rows_per_step, rows_per_micro_batch, processes)
+            plan = RunPlan(
+                self.seq_len,
+                "samples",
+                segments,
+                self.max_steps,
+                warmup=self.warmup_samples,
+                decay=self.decay_samples,
+                total=self.train_samples,
+                rows_per_micro_batch=rows_per_micro_batch,
+            )
+        stages = resolve_stages(self.stages, self.seed, segments, self.seq_len, self.max_steps)
+        return dataclasses.replace(plan, stages=stages)
+
+    def _micro_batches(self, global_rows: int, rows_per_micro_batch: int, processes: int) -> int:
+        if global_rows % rows_per_micro_batch:
+            raise ValueError(
+                f"A global batch of {global_rows} rows is no multiple of per_device_batch_size="
+                f"{self.per_device_batch_size} x {processes} process(es); change the batch sizes or the number of "
+                "processes."
+            )
+        return global_rows // rows_per_micro_batch
 
     def save(self, folder: str | Path, portable: bool = False) -> Path:
         """Write the options to `folder/pretrain_config.yaml`. `portable`: without this machine's absolute paths
@@ -372,6 +574,8 @@ class PretrainConfig:
                     options[name] = portable_path(options[name])
             for name in ("data", "eval_data"):
                 options[name] = [{**source, "path": portable_path(str(source["path"]))} for source in options[name]]
+            for stage in options["stages"]:
+                stage["data"] = [{**source, "path": portable_path(str(source["path"]))} for source in stage["data"]]
         path = Path(folder) / RECIPE_FILE_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(options, sort_keys=False))

@@ -37,13 +37,19 @@ ADEMAMIX_CITATION = """@article{pagliardini2024ademamix,
 def hyperparameter_rows(config: PretrainConfig, num_processes: int) -> dict[str, str]:
     """The recipe's choices as the model card's training table words them (the starting model, steps and tokens
     seen have fields of their own in TrainingFacts)."""
-    accumulation = config.gradient_accumulation_steps
+    plan = config.run_plan(num_processes)
     batch = (
-        f"{config.per_device_batch_size} rows of {config.seq_len} tokens per device × {accumulation} accumulation "
-        f"× {num_processes} process(es)"
+        f"{config.per_device_batch_size} rows of {config.seq_len} tokens per device × {plan.micro_batches_at(0)} "
+        f"accumulation × {num_processes} process(es)"
     )
-    if config.batch_ramp:
-        batch += f", ramp {config.batch_ramp}"
+    for segment in plan.segments[1:]:
+        batch += f"; {segment.rows_per_step:,} rows per step from step {segment.start_step:,}"
+    warmup, decay, total = (f"{value:,} {plan.unit}" for value in (plan.warmup, plan.decay, plan.total))
+    schedule = f"warmup-stable-decay counted in {plan.unit}: linear warmup over {warmup}, " + (
+        f"{config.decay_shape} cooldown over the last {decay} of {total} to {config.min_lr_ratio:g} × peak"
+        if plan.decay
+        else "then constant"
+    )
     optimizer = (
         f"AdEMAMix (β1={config.adam_beta1}, β2={config.adam_beta2}, β3={config.ademamix_beta3}, "
         f"α={config.ademamix_alpha})"
@@ -62,10 +68,7 @@ def hyperparameter_rows(config: PretrainConfig, num_processes: int) -> dict[str,
         "Batch": batch,
         "Optimizer": f"{optimizer}, weight decay {config.weight_decay}",
         "Peak learning rate": f"{config.learning_rate:g}",
-        "Schedule": (
-            f"warmup-stable-decay: linear warmup for {config.warmup_steps:,} of the steps, {config.decay_shape} "
-            f"cooldown over the last {config.decay_fraction:.0%} of them to {config.min_lr_ratio:g} × peak"
-        ),
+        "Schedule": schedule,
         "Gradient clipping": f"{config.max_grad_norm:g}" if config.max_grad_norm else "off",
         "Goldfish loss": goldfish,
         "Seed": str(config.seed),
@@ -76,13 +79,15 @@ def training_facts(
     config: PretrainConfig, steps: int, tokens_seen: int, num_processes: int, eval_results: dict[str, float]
 ) -> TrainingFacts:
     """The facts of a pretraining run for its model card; `tokens_seen` over all processes."""
+    plan = config.run_plan(num_processes)
     citations = [GOLDFISH_CITATION] if config.goldfish else []
     if config.optimizer == "ademamix":
         citations.append(ADEMAMIX_CITATION)
     return TrainingFacts(
         stage="pretraining",
         base_model=config.init_from,
-        datasets=[str(source["path"]) for source in config.data],
+        datasets=list(dict.fromkeys(str(source["path"]) for stage in plan.stages for source in stage.data))
+        or [str(source["path"]) for source in config.data],
         context_length=config.seq_len,
         steps=steps,
         tokens_seen=tokens_seen,

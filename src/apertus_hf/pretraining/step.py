@@ -13,7 +13,9 @@ from accelerate import Accelerator, DistributedType
 from .build import Run
 from .checkpointing import TrainingProgress
 from .config import PretrainConfig
+from .logs import CONSOLE
 from .metrics import StepOutput
+from .plan import source_label
 
 logger = logging.getLogger("apertus_hf.pretraining")
 
@@ -42,6 +44,40 @@ def micro_batches(loader, accelerator: Accelerator, progress: TrainingProgress) 
         progress.micro_batches_in_epoch = 0
 
 
+class StageFeed:
+    """The micro-batches of each optimizer step, from the data stage the run plan assigns to it.
+
+    At a stage boundary the run switches to the next stage's loader (its own data seed) and starts it at its first
+    sample (`progress` epoch and micro-batch back to 0), as the Apertus run did at each stage switch; a resumed run
+    continues the stage recorded in `progress` where it stopped.
+    """
+
+    def __init__(self, run: Run):
+        self.run = run
+        self._stage: int | None = None
+        self._batches: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def batches_of_step(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of optimizer step `step` (0-based)."""
+        run, progress = self.run, self.run.progress
+        stage = run.plan.stage_at(step)
+        if stage != self._stage:
+            if stage != progress.stage:
+                progress.stage, progress.epoch, progress.micro_batches_in_epoch = stage, 0, 0
+                described = run.plan.stages[stage]
+                logger.info(
+                    "Data stage %r from step %d: data seed %d, %s.",
+                    described.name,
+                    step,
+                    described.seed,
+                    ", ".join(source_label(source) for source in described.data),
+                    extra=CONSOLE,
+                )
+            self._batches = micro_batches(run.train_loaders[stage], run.accelerator, progress)
+            self._stage = stage
+        return [next(self._batches) for _ in range(run.plan.micro_batches_at(step))]
+
+
 def count_targets(labels: torch.Tensor) -> torch.Tensor:
     # The model shifts labels by one: the first label of each row is never a target.
     return (labels[:, 1:] != -100).sum()
@@ -61,23 +97,36 @@ def set_accumulation(run: Run, accumulation: int) -> int:
 def train_step(run: Run, batches: list[dict[str, torch.Tensor]]) -> StepOutput:
     """One optimizer step over `batches`, the micro-batches it accumulates; nothing is read back from the device.
 
-    The loss of a step is the mean over all its kept targets, on every process and micro-batch, as in one large
-    batch. Each micro-batch contributes its sum / global count; the factors undo the averaging that DDP/DeepSpeed
-    (over processes) and accelerator.backward (over micro-batches) apply to gradients.
+    The loss of a step follows `loss_averaging`. per_token: the mean over all its kept targets, on every process and
+    micro-batch, as in one large batch; each micro-batch contributes its sum / global count. per_micro_batch
+    (Megatron without --calculate-per-token-loss): each micro-batch's mean over its own kept targets (0 when it has
+    none), averaged over the micro-batches and processes. DDP/DeepSpeed average gradients over processes and
+    accelerator.backward over micro-batches; the `scale` of each micro-batch's loss turns that average into the
+    gradient of the step's loss, which is also the loss logged.
     """
     accelerator, model, accumulation = run.accelerator, run.model, len(batches)
-    local_targets = sum(count_targets(batch["labels"]) for batch in batches)
-    global_targets = accelerator.reduce(local_targets.detach().clone(), reduction="sum").clamp(min=1)
+    averaged_over = accelerator.num_processes * accumulation
+    per_token = run.config.loss_averaging == "per_token"
+    if per_token:
+        local_targets = sum(count_targets(batch["labels"]) for batch in batches)
+        global_targets = accelerator.reduce(local_targets.detach().clone(), reduction="sum").clamp(min=1)
     step_loss = torch.zeros((), device=accelerator.device)
     for index, batch in enumerate(batches):
         is_last = index == accumulation - 1
+        if per_token:
+            # Its sum over the step's targets, scaled back up from the averaging: together, the step's mean.
+            num_items_in_batch, scale = global_targets, averaged_over
+        else:
+            # Its own mean: the averaging makes the step's loss the mean of the micro-batch means.
+            num_items_in_batch, scale = count_targets(batch["labels"]).clamp(min=1), 1
         with accelerator.no_sync(model) if not is_last else contextlib.nullcontext():
             # Keep only the loss: holding the model output would keep the logits alive through backward.
             loss = model(
-                **batch, use_cache=False, num_items_in_batch=global_targets, skip_logits=run.config.chunked_loss
+                **batch, use_cache=False, num_items_in_batch=num_items_in_batch, skip_logits=run.config.chunked_loss
             ).loss
-            accelerator.backward(loss * accelerator.num_processes * accumulation)
-        step_loss += loss.detach()
+            accelerator.backward(loss * scale)
+        # This process's share of the step's loss: what the averaging leaves of loss * scale.
+        step_loss += loss.detach() if per_token else loss.detach() / averaged_over
     grad_norm = None
     if run.config.max_grad_norm > 0:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.config.max_grad_norm)

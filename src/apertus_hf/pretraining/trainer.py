@@ -19,7 +19,7 @@ from .build import Run, build_run
 from .checkpointing import save_checkpoint
 from .config import PretrainConfig
 from .export import export_model
-from .step import Cadence, any_process, evaluate, micro_batches, set_accumulation, train_step
+from .step import Cadence, StageFeed, any_process, evaluate, set_accumulation, train_step
 
 logger = logging.getLogger("apertus_hf.pretraining")
 
@@ -87,13 +87,13 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     run = build_run(config)
     try:
         cadence = Cadence.from_config(config, evaluates=run.eval_loader is not None)
-        batches = micro_batches(run.train_loader, run.accelerator, run.progress)
+        feed = StageFeed(run)
         run.model.train()
         with StopRequest() as stop, _progress_bar(run) as bar:
             while run.progress.step < config.max_steps:
-                accumulation = set_accumulation(run, config.gradient_accumulation_at(run.progress.step))
-                output = train_step(run, [next(batches) for _ in range(accumulation)])
-                step_tokens = run.tokens_per_micro_batch * accumulation
+                set_accumulation(run, run.plan.micro_batches_at(run.progress.step))
+                output = train_step(run, feed.batches_of_step(run.progress.step))
+                step_tokens = run.tokens_of_step(run.progress.step)
                 run.progress.step += 1
                 run.progress.tokens_seen += step_tokens
                 run.records.add(run.progress.step, output, step_tokens, run.progress.tokens_seen, run.progress.epoch)
