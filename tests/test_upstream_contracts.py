@@ -213,3 +213,13 @@ def test_accelerate_seeds_a_prepared_loader_from_the_dataloader_config_at_prepar
         assert orders[7] != orders[11] and sorted(orders[7]) == list(range(32))
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_transformers_turns_restarting_positions_into_flash_attention_varlen_arguments():
+    # modeling_apertus.flash_attention_document_kwargs hands FlashAttention the documents of `seq_idx` through this.
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    position_ids = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]])
+    (cu_seq_lens_q, cu_seq_lens_k), (max_length_q, max_length_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+    assert cu_seq_lens_q.tolist() == cu_seq_lens_k.tolist() == [0, 3, 5, 10]
+    assert int(max_length_q) == int(max_length_k) == 5
