@@ -88,7 +88,10 @@ def test_released_chain_plans_the_reference_stages(size):
     }
     # One row per GPU and micro-batch on the GPUs of the 64k stage, accumulating the shorter stages' extra rows.
     assert [plan.num_processes for plan in plans] == [released["gpus"]] * 4
-    assert [(plan.config.per_device_batch_size, plan.config.gradient_accumulation_steps) for plan in plans] == [
+    assert [
+        (plan.config.per_device_batch_size, plan.config.run_plan(plan.num_processes).micro_batches_at(0))
+        for plan in plans
+    ] == [
         (1, 8),
         (1, 4),
         (1, 2),
@@ -174,13 +177,13 @@ def test_tiny_chain_recipe_plans_its_stages():
     plans = plan_long_context(config)
     assert [(plan.config.seq_len, plan.stage.rope_theta) for plan in plans] == [(128, 1e6), (256, 2e6), (512, 4e6)]
     assert {plan.stage.tokens_per_step for plan in plans} == {2048}
-    assert {plan.config.gradient_accumulation_steps for plan in plans} == {1}
+    assert {plan.config.run_plan(plan.num_processes).micro_batches_at(0) for plan in plans} == {1}
     assert "Total: 72 steps, 147,456 tokens." in format_plan(config, plans)
 
 
 def test_stage_configs_follow_the_processes_of_the_launch():
     config = load_chain(CONFIGS / "8b" / "long_context.yaml")
-    assert [stage.gradient_accumulation_steps for stage in config.stage_configs(64)] == [16, 8, 4, 2]
+    assert [stage.run_plan(64).micro_batches_at(0) for stage in config.stage_configs(64)] == [16, 8, 4, 2]
     with pytest.raises(ValueError, match=r"Stage 64k: global_batch_rows=128 is not a multiple of .* x 256 process"):
         config.stage_configs(256)
 

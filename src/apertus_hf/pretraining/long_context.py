@@ -199,13 +199,6 @@ class LongContextConfig:
         configs = []
         for stage in self.context_stages:
             per_device = stage.per_device_batch_size or self.per_device_batch_size
-            rows_per_micro_batch = per_device * num_processes
-            if stage.global_batch_rows % rows_per_micro_batch:
-                raise ValueError(
-                    f"Stage {stage.name}: global_batch_rows={stage.global_batch_rows} is not a multiple of "
-                    f"per_device_batch_size={per_device} x {num_processes} process(es); launch on a number of "
-                    "processes that divides it, or change per_device_batch_size."
-                )
             options = {
                 **self.base,
                 **({"data": stage.data} if stage.data is not None else {}),
@@ -217,14 +210,24 @@ class LongContextConfig:
                 "warmup_steps": stage.warmup_steps,
                 "learning_rate": stage.learning_rate,
                 "per_device_batch_size": per_device,
-                "gradient_accumulation_steps": stage.global_batch_rows // rows_per_micro_batch,
+                "global_batch_size": stage.global_batch_rows,
                 "model_overrides": {
                     **self.base.get("model_overrides", {}),
                     "rope_parameters": {**start_rope, **self.rope_parameters, "rope_theta": stage.rope_theta},
                     "max_position_embeddings": stage.seq_len,
                 },
             }
-            configs.append(recipe_config_from_dict(PretrainConfig, options, f"the chain's stage {stage.name}"))
+            stage_config = recipe_config_from_dict(PretrainConfig, options, f"the chain's stage {stage.name}")
+            try:
+                # The run derives its micro-batches from global_batch_size the same way, on the processes it has.
+                stage_config.run_plan(num_processes)
+            except ValueError as error:
+                raise ValueError(
+                    f"Stage {stage.name}: global_batch_rows={stage.global_batch_rows} is not a multiple of "
+                    f"per_device_batch_size={per_device} x {num_processes} process(es); launch on a number of "
+                    "processes that divides it, or change per_device_batch_size."
+                ) from error
+            configs.append(stage_config)
             init_from = str(self.stage_model_dir(stage))
         return configs
 
@@ -269,7 +272,8 @@ class StagePlan:
             _tokens(self.stage.tokens),
             f"{config.learning_rate:g}",
             f"{config.warmup_steps:,}",
-            f"{config.per_device_batch_size} x {config.gradient_accumulation_steps} x {self.num_processes}",
+            f"{config.per_device_batch_size} x {config.run_plan(self.num_processes).micro_batches_at(0)} x "
+            f"{self.num_processes}",
             f"{self.memory.total / 2**30:,.1f} GiB",
         ]
 
