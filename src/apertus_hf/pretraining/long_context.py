@@ -31,6 +31,7 @@ from ..recipe_args import recipe_config_from_dict
 from ..training_facts import TRAINING_FACTS_FILE_NAME, TrainingFacts
 from .config import PretrainConfig
 from .memory import MemoryEstimate, estimate_training_memory
+from .plan import format_tokens
 from .run_folder import MODEL_DIR_NAME
 from .trainer import pretrain
 
@@ -269,20 +270,13 @@ class StagePlan:
             f"{self.stage.rope_theta:,.0f}",
             f"{config.max_steps:,}",
             f"{self.stage.global_batch_rows:,} x {self.stage.seq_len:,} = {self.stage.tokens_per_step:,}",
-            _tokens(self.stage.tokens),
+            format_tokens(self.stage.tokens),
             f"{config.learning_rate:g}",
             f"{config.warmup_steps:,}",
             f"{config.per_device_batch_size} x {config.run_plan(self.num_processes).micro_batches_at(0)} x "
             f"{self.num_processes}",
             f"{self.memory.total / 2**30:,.1f} GiB",
         ]
-
-
-def _tokens(count: int) -> str:
-    """A token count as the plan prints it: 78.43B, 12.50M or 147,456."""
-    if count >= 1e9:
-        return f"{count / 1e9:,.2f}B"
-    return f"{count / 1e6:,.2f}M" if count >= 1e6 else f"{count:,}"
 
 
 PLAN_COLUMNS = [
@@ -334,7 +328,7 @@ def format_plan(config: LongContextConfig, plans: list[StagePlan]) -> str:
             f"on {last.num_processes} process(es).",
             *table,
             f"Total: {sum(plan.config.max_steps for plan in plans):,} steps, "
-            f"{_tokens(sum(plan.stage.tokens for plan in plans))} tokens.",
+            f"{format_tokens(sum(plan.stage.tokens for plan in plans))} tokens.",
             f"Final model ({config.stage_model_dir(last.stage)}): max_position_embeddings "
             f"{last.config.model_overrides['max_position_embeddings']:,}, rope_parameters "
             f"{last.config.model_overrides['rope_parameters']}.",
