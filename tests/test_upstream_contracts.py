@@ -194,27 +194,6 @@ def test_trls_model_card_draft_is_recognised_and_replaced():
     assert readme_author(str(draft)) == "trainer"
 
 
-def test_accelerate_seeds_a_prepared_loader_from_the_dataloader_config_at_prepare_time():
-    # pretraining/build.py gives each data stage its own data seed by setting accelerator.dataloader_config.data_seed
-    # before preparing that stage's loader.
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    try:
-        accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-        orders = {}
-        for seed in (7, 11, 7):
-            accelerator.dataloader_config.data_seed = seed
-            loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(32)), batch_size=32, shuffle=True))
-            loader.set_epoch(0)
-            order = next(iter(loader)).tolist()
-            assert orders.setdefault(seed, order) == order
-        assert orders[7] != orders[11] and sorted(orders[7]) == list(range(32))
-    finally:
-        AcceleratorState._reset_state(True)
-
-
 def test_transformers_turns_restarting_positions_into_flash_attention_varlen_arguments():
     # modeling_apertus.flash_attention_document_kwargs hands FlashAttention the documents of `seq_idx` through this.
     from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
@@ -223,3 +202,137 @@ def test_transformers_turns_restarting_positions_into_flash_attention_varlen_arg
     (cu_seq_lens_q, cu_seq_lens_k), (max_length_q, max_length_k) = prepare_fa_kwargs_from_position_ids(position_ids)
     assert cu_seq_lens_q.tolist() == cu_seq_lens_k.tolist() == [0, 3, 5, 10]
     assert int(max_length_q) == int(max_length_k) == 5
+
+
+def test_deepspeed_zero3_checkpoint_layout_and_loader_that_the_reshard_relies_on():
+    """pretraining/resharding.py reads ZeRO-3 checkpoints by their layout and fills a live ZeRO-3 optimizer through
+    stage3's own rigid load; each name and key below is one it touches."""
+    pytest.importorskip("deepspeed")
+    from accelerate import Accelerator
+    from accelerate.checkpointing import load_accelerator_state, load_custom_state, save_accelerator_state
+    from accelerate.state import AcceleratorState
+    from accelerate.utils.constants import MODEL_NAME
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+    from deepspeed.utils.zero_to_fp32 import zero3_partitioned_param_info
+
+    # The files: accelerate saves the engine under the tag MODEL_NAME; one model-states and one optimizer-states file
+    # per process, the model states with the parameter shapes of each flat group and the engine's counters.
+    assert MODEL_NAME == "pytorch_model"
+    assert "model.save_checkpoint(output_dir, ckpt_id" in inspect.getsource(Accelerator.save_state)
+    assert "zero_pp_rank_" in inspect.getsource(DeepSpeedEngine._get_ckpt_name)
+    assert "_optim_states.pt" in inspect.getsource(DeepSpeedEngine._get_rank_zero_ckpt_name)
+    common_state = inspect.getsource(DeepSpeedEngine._common_checkpoint_state)
+    for key in ("param_shapes=", "buffer_names=", "frozen_param_shapes=", "lr_scheduler=", "skipped_steps="):
+        assert key in common_state, key
+    for key in ("global_steps=", "global_samples=", "dp_world_size="):
+        assert key in common_state, key
+    # A flat group gives each parameter ceil(numel / world_size) elements, the padding at the end.
+    assert zero3_partitioned_param_info(5, 4) == (2, 3)
+    # The optimizer's state dict as saved and loaded back: the base optimizer's tensors numbered sub-group by
+    # sub-group, the fp32 partitions, the loss scaler and its flags; load_state_dict takes the dict of this rank.
+    rigid_save = inspect.getsource(Stage3._rigid_state_dict)
+    rigid_load = inspect.getsource(Stage3._rigid_load_state_dict)
+    for key in ("LOSS_SCALER", "'dynamic_loss_scale'", "'overflow'", "OPTIMIZER_STATE_DICT", "FP32_FLAT_GROUPS"):
+        assert key in rigid_save and key in rigid_load, key
+    assert "PARTITION_COUNT" in rigid_save and "ZERO_STAGE" in rigid_save
+    assert "self.sub_group_to_group_id[sub_group_id]" in inspect.getsource(Stage3._set_fp32_optimizer_param_groups)
+    assert {"state_dict_list", "load_optimizer_states"} <= parameters(Stage3.load_state_dict)
+    assert "state_dict_list[dist.get_rank(group=self.dp_process_group)]" in inspect.getsource(Stage3.load_state_dict)
+    stage3 = inspect.getsource(Stage3)
+    for attribute in (
+        "self.fp16_groups =",
+        "self.sub_group_to_group_id =",
+        "self.dp_process_group =",
+        "self.optimizer =",
+    ):
+        assert attribute in stage3, attribute
+    assert callable(Stage3.checkpoint_event_prologue) and callable(Stage3.checkpoint_event_epilogue)
+    engine = inspect.getsource(DeepSpeedEngine)
+    for attribute in ("self.global_steps =", "self.global_samples =", "self.skipped_steps =", "self.lr_scheduler ="):
+        assert attribute in engine, attribute
+    # A ZeRO-3 parameter knows its process group and its full shape.
+    converted = inspect.getsource(Init._convert_to_deepspeed_param)
+    assert "param.ds_process_group" in converted and "param.ds_shape" in converted
+    # Why we reshard ourselves: the universal checkpoint restores only these keys, not AdEMAMix's exp_avg_slow. When
+    # this fails, it may carry every state key and could replace the reshard.
+    universal = inspect.getsource(Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    assert '["fp32", "exp_avg", "exp_avg_sq"]' in universal
+
+    # What accelerate's load_state loads besides the engine, as load_resharded_state loads it.
+    assert {"input_dir", "models", "optimizers", "schedulers", "dataloaders", "process_index"} <= parameters(
+        load_accelerator_state
+    )
+    assert parameters(load_custom_state) == {"obj", "path", "index"}
+    assert 'states["step"] = step' in inspect.getsource(save_accelerator_state)
+    load_state = inspect.getsource(Accelerator.load_state)
+    assert "isinstance(scheduler, DeepSpeedSchedulerWrapper)" in load_state and "custom_checkpoint_" in load_state
+    AcceleratorState._reset_state(True)
+    try:
+        accelerator = Accelerator(cpu=True)
+        for attribute in ("_models", "_schedulers", "_dataloaders", "_custom_objects"):
+            assert getattr(accelerator, attribute) == [], attribute
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_deepspeed_internals_the_post_training_recipes_use():
+    pytest.importorskip("deepspeed")
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed import DeepSpeedEngine
+    from transformers.integrations import (
+        HfDeepSpeedConfig,
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from apertus_hf.trainers.recipe import DEEPSPEED_OPTIONS_OF_THE_RECIPE
+
+    # trainers/recipe.py: the plugin's deepspeed_config is the dict Trainer fills, "auto" options from TrainingArguments.
+    assert "self.deepspeed_config = self.hf_ds_config.config" in inspect.getsource(DeepSpeedPlugin.__post_init__)
+    fills = inspect.getsource(HfTrainerDeepSpeedConfig.trainer_config_process)
+    assert all(f'"{option}"' in fills for option in DEEPSPEED_OPTIONS_OF_THE_RECIPE)
+    # trainers/saving.py: from_pretrained loads whole while the weak reference is unset; the plugin's `dschf` holds it.
+    assert "self.dschf = HfDeepSpeedConfig(" in inspect.getsource(DeepSpeedPlugin.set_deepspeed_weakref)
+    config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        unset_hf_deepspeed_config()
+        assert not is_deepspeed_zero3_enabled()
+        set_hf_deepspeed_config(config)
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        unset_hf_deepspeed_config()
+    # trainers/qrpo.py: the reference engine is destroyed, taking its ZeRO-3 hooks off the policy, before training.
+    assert callable(DeepSpeedEngine.destroy)
+
+
+def test_accelerate_steps_a_deepspeed_engine_only_on_a_backward_marked_as_syncing_gradients():
+    # pretraining/step.py accumulates micro-batches by hand and sets accelerator.sync_gradients to True only for a
+    # step's last one: accelerate hands that flag to DeepSpeed as the accumulation boundary and calls engine.step()
+    # only then. Were it to step on every backward, a run with accumulation > 1 would take an optimizer step per
+    # micro-batch under ZeRO-3 (seen before this contract: 1 process x 2 micro-batches diverged from 2 processes).
+    from accelerate import Accelerator
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+    calls = []
+
+    class RecordingEngine:
+        def set_gradient_accumulation_boundary(self, is_boundary):
+            calls.append(("boundary", is_boundary))
+
+        def backward(self, loss, **kwargs):
+            calls.append(("backward",))
+
+        def step(self):
+            calls.append(("step",))
+
+    wrapper = DeepSpeedEngineWrapper(RecordingEngine())
+    wrapper.backward(torch.ones(()), sync_gradients=False)
+    wrapper.backward(torch.ones(()), sync_gradients=True)
+    assert calls == [("boundary", False), ("backward",), ("boundary", True), ("backward",), ("step",)]
+    source = inspect.getsource(Accelerator.backward)
+    assert "self.deepspeed_engine_wrapped.backward(loss, sync_gradients=self.sync_gradients" in source

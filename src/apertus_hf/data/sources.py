@@ -75,7 +75,9 @@ class DataSource:
 
     Attributes:
         path: a local file, a folder (all supported files under it, recursively, in sorted order), a glob
-            (`data/**/*.jsonl`), or a Hub dataset id such as "HuggingFaceFW/fineweb".
+            (`data/**/*.jsonl`), or a Hub dataset id such as "HuggingFaceFW/fineweb". For the pretraining loop it
+            may also be a folder of pre-tokenized data (apertus_hf.data.pretokenized), which it reads by memory
+            map instead of through `load_documents`.
         weight: relative sampling weight in a mixture (> 0); the weights are normalised over the sources.
         text_column: the field or column that holds the document text.
         split: the split to load, for Hub datasets.

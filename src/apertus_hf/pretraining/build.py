@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from transformers import (
@@ -27,6 +27,7 @@ from transformers import (
 
 from ..configuration_apertus import ApertusConfig
 from ..data import DataSource, PackedBatchCollator, load_documents, tokenize_and_pack
+from ..data.pretokenized import all_pretokenized, blend_pretokenized, last_documents_rows
 from ..optim import AdEMAMix, WSDSchedule, build_parameter_groups
 from ..runtime import (
     SourceNotFoundError,
@@ -62,8 +63,10 @@ class Run:
     scheduler: Any
     plan: RunPlan
     """Global batch, schedule position and data stage of every optimizer step."""
-    train_loaders: list[DataLoader]
-    """One per data stage (one without stages), each with its stage's data seed."""
+    train_rows: list[Any]
+    """The packed rows of each data stage (one without stages); StageFeed reads them in their global order."""
+    collator: PackedBatchCollator
+    """Makes micro-batches of training rows: Goldfish drops, document masking, position resets."""
     eval_loader: DataLoader | None
     progress: TrainingProgress
     """Optimizer steps, tokens and data position; saved with every checkpoint."""
@@ -109,7 +112,6 @@ def _build_accelerator(config: PretrainConfig) -> tuple[Accelerator, RunPlan]:
     accelerator = Accelerator(
         log_with=config.report_to or None,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         # The WSD schedule counts optimizer steps; by default accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
     )
@@ -145,17 +147,43 @@ def _build_datasets(
 ):
     """Packed training rows of each stage and (possibly None) packed evaluation rows, held out of the first stage when
     there is no eval_data. Records skipped with on_bad_record="skip" are reported by `load_documents` itself (for a
-    stream, as it is read). A stream is read only as training consumes it, so a later stage costs nothing up front."""
+    stream, as it is read). A stream is read only as training consumes it, so a later stage costs nothing up front.
+
+    A stage (or eval_data) whose sources are pre-tokenized folders (recipes/tokenize_data.py) reads its rows from their
+    memory-mapped shards, blended by weight row by row (apertus_hf.data.pretokenized). When the first stage is, the
+    documents held out are the last eval_documents of its first source, left out of every stage that reads it."""
+    options = [f"stages[{index}].data" for index in range(len(config.stages))] if config.stages else ["data"]
+    pretokenized = [
+        all_pretokenized(sources, option) for sources, option in zip(sources_of_stages, options, strict=True)
+    ]
+    eval_pretokenized = all_pretokenized(eval_sources, "eval_data")
+    if config.streaming and (any(pretokenized) or eval_pretokenized):
+        raise ValueError(
+            "streaming: true streams raw documents, but the data names pre-tokenized folders, which are read by memory "
+            "map without streaming. Set streaming: false."
+        )
     # The main process tokenizes first and fills the `datasets` cache; the others then read it instead of racing.
     with accelerator.main_process_first():
         pack = {"num_proc": config.tokenization_processes}
-        train_rows, eval_documents = [], None
+        train_rows, eval_documents, eval_rows, held_out = [], None, None, None
         for index, (sources, seed) in enumerate(zip(sources_of_stages, seeds, strict=True)):
+            if pretokenized[index]:
+                if index == 0 and not eval_sources and config.eval_documents:
+                    held_out = last_documents_rows(sources[0].path, tokenizer, config.seq_len, config.eval_documents)
+                    eval_rows = held_out
+                train_rows.append(blend_pretokenized(sources, tokenizer, config.seq_len, held_out=held_out))
+                logger.info(
+                    "%s: %d rows of %d tokens from pre-tokenized folders, blended by weight.",
+                    options[index],
+                    len(train_rows[-1]),
+                    config.seq_len,
+                )
+                continue
             load = {"streaming": config.streaming, "seed": seed, "on_bad_record": config.on_bad_record}
             documents = load_documents(sources, **load)
-            if index == 0 and eval_sources:
+            if index == 0 and eval_sources and not eval_pretokenized:
                 eval_documents = load_documents(eval_sources, **load)
-            elif index == 0 and config.eval_documents:
+            elif index == 0 and not eval_sources and config.eval_documents:
                 if config.streaming:
                     eval_documents = documents.take(config.eval_documents)
                     documents = documents.skip(config.eval_documents)
@@ -170,17 +198,13 @@ def _build_datasets(
             if config.streaming:
                 documents = documents.shuffle(seed=seed, buffer_size=10_000)
             train_rows.append(tokenize_and_pack(documents, tokenizer, config.seq_len, **pack))
-        eval_rows = None
+        if eval_pretokenized:
+            eval_rows = blend_pretokenized(eval_sources, tokenizer, config.seq_len)
+        elif eval_sources and eval_documents is None:
+            eval_documents = load_documents(eval_sources, seed=seeds[0], on_bad_record=config.on_bad_record)
         if eval_documents is not None:
             eval_rows = tokenize_and_pack(eval_documents, tokenizer, config.seq_len, **pack)
     return train_rows, eval_rows
-
-
-def _prepare_stage_loader(accelerator: Accelerator, loader: DataLoader, seed: int) -> DataLoader:
-    """`accelerator.prepare(loader)` with the stage's data seed: accelerate's seedable sampler takes its seed from
-    the dataloader configuration when the loader is prepared (tests/test_upstream_contracts.py checks it)."""
-    accelerator.dataloader_config.data_seed = seed
-    return accelerator.prepare(loader)
 
 
 def pretraining_model_config(
@@ -334,6 +358,26 @@ def _check_resumed_schedule(scheduler: WSDSchedule, config: PretrainConfig, plan
         )
 
 
+def _check_resumed_data_position(progress: TrainingProgress, plan: RunPlan) -> None:
+    """Say when the rows the checkpoint consumed in its data stage are not what this recipe's plan consumes by that
+    step: the global batch changed (most often: a resume on another number of processes without global_batch_size).
+    The run continues from the checkpoint's position, so no row is repeated or skipped."""
+    stage_start = plan.stages[progress.stage].start_step if plan.stages else 0
+    planned = plan.samples_before(progress.step) - plan.samples_before(stage_start)
+    if progress.stage == plan.stage_at(progress.step) and planned != progress.samples_in_stage:
+        logger.warning(
+            "The checkpoint consumed %d rows of data stage %d in its first %d steps; this recipe's global batch would "
+            "have consumed %d: the global batch (per_device_batch_size x micro-batches x processes) differs from the "
+            "run that saved it. Training continues at the checkpoint's row, with this recipe's global batch. To keep "
+            "the batch when the number of processes changes, set global_batch_size.",
+            progress.samples_in_stage,
+            progress.stage,
+            progress.step - stage_start,
+            planned,
+            extra=CONSOLE,
+        )
+
+
 def _warn_about_changed_cpu_threads(saved: int, device: torch.device) -> None:
     """On CPU, say when the resumed process has another number of threads than the one that saved (`saved`, 0 when
     the checkpoint did not record it): its losses then match an uninterrupted run only to rounding."""
@@ -414,21 +458,12 @@ def _build_run(
     seeds = [stage.seed for stage in plan.stages] or [config.seed]
     train_rows, eval_rows = _build_datasets(config, sources_of_stages, seeds, eval_sources, tokenizer, accelerator)
     goldfish_k = config.goldfish_k if config.goldfish else None
-    train_loaders = [
-        DataLoader(
-            rows,
-            batch_size=config.per_device_batch_size,
-            shuffle=not config.streaming,
-            drop_last=True,
-            collate_fn=PackedBatchCollator(
-                goldfish_k=goldfish_k,
-                goldfish_h=config.goldfish_h,
-                document_masking=config.document_masking,
-                reset_position_ids=config.reset_position_ids,
-            ),
-        )
-        for rows in train_rows
-    ]
+    collator = PackedBatchCollator(
+        goldfish_k=goldfish_k,
+        goldfish_h=config.goldfish_h,
+        document_masking=config.document_masking,
+        reset_position_ids=config.reset_position_ids,
+    )
     eval_loader = None
     if eval_rows is not None:
         eval_loader = DataLoader(
@@ -454,10 +489,6 @@ def _build_run(
         position_unit=plan.unit,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    train_loaders = [
-        _prepare_stage_loader(accelerator, loader, seed) for loader, seed in zip(train_loaders, seeds, strict=True)
-    ]
-    accelerator.dataloader_config.data_seed = config.seed
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     progress = TrainingProgress()
@@ -467,14 +498,15 @@ def _build_run(
     if folder.resume:
         resumed_from = load_latest_checkpoint(accelerator, output_dir / CHECKPOINTS_DIR_NAME)
         logger.info(
-            "Resumed from %s at step %d (epoch %d, micro-batch %d).",
+            "Resumed from %s at step %d (data stage %d, %d of its rows consumed).",
             resumed_from,
             progress.step,
-            progress.epoch,
-            progress.micro_batches_in_epoch,
+            progress.stage,
+            progress.samples_in_stage,
             extra=CONSOLE,
         )
         metrics.truncate_after(progress.step)
+        _check_resumed_data_position(progress, plan)
         _check_resumed_schedule(scheduler.scheduler, config, plan)
         _warn_about_changed_cpu_threads(progress.cpu_threads, accelerator.device)
     progress.cpu_threads = torch.get_num_threads()  # what the next checkpoints record
@@ -515,7 +547,8 @@ def _build_run(
         optimizer=optimizer,
         scheduler=scheduler,
         plan=plan,
-        train_loaders=train_loaders,
+        train_rows=train_rows,
+        collator=collator,
         eval_loader=eval_loader,
         progress=progress,
         records=StepRecords(accelerator, metrics, bool(config.report_to), flops_per_token, peak_flops),

@@ -17,7 +17,10 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
+
+from .logs import CONSOLE
+from .resharding import checkpoint_world_size, load_resharded_state
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +35,10 @@ class TrainingProgress:
 
     step: int = 0
     stage: int = 0
-    """Data stage being read (0 without stages); epoch and micro_batches_in_epoch count within it."""
-    epoch: int = 0
-    micro_batches_in_epoch: int = 0
+    """Data stage being read (0 without stages)."""
+    samples_in_stage: int = 0
+    """Rows of the stage's global row stream consumed so far, over all processes (Megatron's consumed-samples
+    counter): the data position, independent of the number of processes (data/global_rows.py)."""
     tokens_seen: int = 0
     # Intra-op threads of the process that saved (0 in checkpoints from before it was recorded): on CPU a matmul's
     # rounding depends on how many threads split it, so a resume reproduces the run bit for bit only with as many.
@@ -44,6 +48,12 @@ class TrainingProgress:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "micro_batches_in_epoch" in state:
+            raise ValueError(
+                "this checkpoint records its data position per process (epoch and micro-batch, apertus_hf before "
+                "global row positions), which this version cannot map onto its global row order. Finish the run with "
+                "the apertus_hf version that started it, or start a new run with init_from=<its exported model>."
+            )
         for key, value in state.items():
             setattr(self, key, value)
 
@@ -179,7 +189,21 @@ def load_latest_checkpoint(accelerator: Accelerator, checkpoints_dir: str | Path
     problems = {folder: checkpoint_problem(folder) for folder in checkpoint_folders(checkpoints_dir)}
     for folder in complete_checkpoints(checkpoints_dir):
         try:
-            accelerator.load_state(str(folder))
+            if accelerator.distributed_type == DistributedType.DEEPSPEED and (
+                checkpoint_world_size(folder) != accelerator.num_processes
+            ):
+                # DeepSpeed's ZeRO-3 shards load only on as many processes as saved them; reshard them here.
+                load_resharded_state(accelerator, folder)
+                logger.warning(
+                    "Checkpoint %s was saved by %d processes and is resharded onto %d: model and optimizer state are "
+                    "those saved; losses continue within rounding of the original run, not bit for bit.",
+                    folder,
+                    checkpoint_world_size(folder),
+                    accelerator.num_processes,
+                    extra=CONSOLE,
+                )
+            else:
+                accelerator.load_state(str(folder))
         except Exception as error:  # any library's load error means the same: this checkpoint is unusable
             logger.warning(
                 "Checkpoint %s could not be loaded (%s: %s); trying the previous one.",

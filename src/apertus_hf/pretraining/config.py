@@ -150,7 +150,9 @@ class PretrainConfig:
             "help": (
                 "Training sources, each a mapping with `path` (file, folder, glob or Hub dataset id) and optionally `weight`, "
                 "`text_column`, `split`, `name`, `format` (see apertus_hf.data.DataSource). Several sources are mixed by "
-                "weight."
+                "weight. A folder written by recipes/tokenize_data.py is pre-tokenized: it is read by memory map, not "
+                "tokenized; a stage's sources must then all be such folders (mixed by weight row by row) and streaming "
+                "false, and eval_documents holds out the last documents of the first one (docs/pretokenized_data.md)."
             )
         },
     )
@@ -173,6 +175,16 @@ class PretrainConfig:
             "help": (
                 "Stream the data with datasets.IterableDataset instead of tokenizing it up front (for corpora larger than "
                 "RAM). A resume then re-reads the consumed part of the stream to find its place."
+            )
+        },
+    )
+    record_row_ids: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Write the rows each optimizer step consumed (their indices in the stage's packed rows, over all "
+                "processes) into its metrics.jsonl record as `data/row_ids`: an audit of the data order (what a "
+                "resumed run or a memorization audit read). Not with streaming, whose rows have no index."
             )
         },
     )
@@ -423,6 +435,10 @@ class PretrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 disables it).")
         check_attn_implementation(self.attn_implementation)
+        if self.record_row_ids and self.streaming:
+            raise ValueError(
+                "record_row_ids needs indexed rows, and a stream has none: set streaming false or record_row_ids false."
+            )
         if self.model_preset not in PRESETS:
             raise ValueError(f"model_preset={self.model_preset!r} is not a preset; choose one of {sorted(PRESETS)}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):

@@ -158,22 +158,33 @@ class StepRecords:
         self.trackers = trackers
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
-        self._pending: list[tuple[int, StepOutput, int, int]] = []  # step, output, tokens seen, epoch
+        # step, output, tokens seen, epoch, this process's row ids (or None)
+        self._pending: list[tuple[int, StepOutput, int, int, torch.Tensor | None]] = []
         self._records: list[dict[str, Any]] = []
         self._window_start, self._window_tokens = time.perf_counter(), 0
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
 
-    def add(self, step: int, output: StepOutput, step_tokens: int, tokens_seen: int, epoch: int) -> None:
-        self._pending.append((step, output, tokens_seen, epoch))
+    def add(
+        self,
+        step: int,
+        output: StepOutput,
+        step_tokens: int,
+        tokens_seen: int,
+        epoch: int,
+        row_ids: torch.Tensor | None = None,
+    ) -> None:
+        """Record optimizer step `step`; `row_ids`: the rows this process read in it (PretrainConfig.record_row_ids),
+        gathered over the processes into the record's `data/row_ids`, sorted."""
+        self._pending.append((step, output, tokens_seen, epoch, row_ids))
         self._window_tokens += step_tokens
 
     def _read_pending(self) -> None:
         if not self._pending:
             return
-        local_losses = torch.stack([output.loss for _, output, _, _ in self._pending])
+        local_losses = torch.stack([output.loss for _, output, _, _, _ in self._pending])
         losses = self.accelerator.reduce(local_losses, reduction="sum").tolist()
-        for (step, output, tokens_seen, epoch), loss in zip(self._pending, losses, strict=True):
+        for (step, output, tokens_seen, epoch, row_ids), loss in zip(self._pending, losses, strict=True):
             record = {
                 "step": step,
                 "train/loss": loss,
@@ -183,6 +194,8 @@ class StepRecords:
             }
             if output.grad_norm is not None:
                 record["train/grad_norm"] = float(output.grad_norm)
+            if row_ids is not None:
+                record["data/row_ids"] = sorted(self.accelerator.gather(row_ids.to(self.accelerator.device)).tolist())
             self._records.append(record)
         self.last_loss = losses[-1]
         self._pending = []
@@ -214,7 +227,7 @@ class StepRecords:
         for record in self._records:
             self.metrics.write(record)
             if self.trackers:
-                self.accelerator.log(
-                    {key: value for key, value in record.items() if key != "step"}, step=record["step"]
-                )
+                # Trackers take scalars: the row ids stay in metrics.jsonl.
+                scalars = {key: value for key, value in record.items() if key not in ("step", "data/row_ids")}
+                self.accelerator.log(scalars, step=record["step"])
         self._records = []

@@ -6,12 +6,13 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedType
 
+from ..data import GlobalRowSampler, GlobalRowStream
 from .build import Run
-from .checkpointing import TrainingProgress
 from .config import PretrainConfig
 from .logs import CONSOLE
 from .metrics import StepOutput
@@ -20,50 +21,60 @@ from .plan import source_label
 logger = logging.getLogger("apertus_hf.pretraining")
 
 
-def micro_batches(loader, accelerator: Accelerator, progress: TrainingProgress) -> Iterator[dict[str, torch.Tensor]]:
-    """Micro-batches forever, epoch after epoch, starting at the position recorded in `progress`.
-
-    `progress` is updated as batches are consumed, so a checkpoint taken between two optimizer steps records
-    exactly where the next micro-batch comes from.
-    """
-    while True:
-        loader.set_epoch(progress.epoch)
-        skipped = progress.micro_batches_in_epoch
-        epoch_loader = accelerator.skip_first_batches(loader, skipped) if skipped else loader
-        produced = False
-        for batch in epoch_loader:
-            produced = True
-            progress.micro_batches_in_epoch += 1
-            yield {key: value.to(accelerator.device) for key, value in batch.items()}
-        if not produced and not skipped:
-            raise ValueError(
-                "The training data yields no batch: fewer packed rows than per_device_batch_size x processes. "
-                "Add data or lower per_device_batch_size / seq_len."
-            )
-        progress.epoch += 1
-        progress.micro_batches_in_epoch = 0
-
-
 class StageFeed:
     """The micro-batches of each optimizer step, from the data stage the run plan assigns to it.
 
-    At a stage boundary the run switches to the next stage's loader (its own data seed) and starts it at its first
-    sample (`progress` epoch and micro-batch back to 0), as the Apertus run did at each stage switch; a resumed run
-    continues the stage recorded in `progress` where it stopped.
+    Each stage's rows are read in their global order (data/global_rows.py) from the stage's position in `progress`
+    (`samples_in_stage`, rows consumed by all processes), so a run resumed on another number of processes continues
+    with exactly the rows an uninterrupted run would have read next. At a stage boundary the run switches to the next
+    stage's rows (its own data seed) from their first row, as the Apertus run did at each stage switch.
     """
 
     def __init__(self, run: Run):
         self.run = run
         self._stage: int | None = None
-        self._batches: Iterator[dict[str, torch.Tensor]] | None = None
+        self._next_rows: Iterator[Any] | None = None
+        self._next_indices: Iterator[int] | None = None
+        self._stream: GlobalRowStream | None = None
+        self.row_ids: list[int | None] = []
+        """The indices (in the stage's rows) of the rows of the last step's micro-batches; None for a stream."""
+
+    def _open(self, stage: int) -> None:
+        run, progress = self.run, self.run.progress
+        accelerator, rows = run.accelerator, run.train_rows[stage]
+        position = {"process_index": accelerator.process_index, "num_processes": accelerator.num_processes}
+        if run.config.streaming:
+            self._stream = GlobalRowStream(rows, start=progress.samples_in_stage, **position)
+            self._next_rows, self._next_indices = iter(self._stream), None
+        else:
+            self._stream = None
+            seed = run.plan.stages[stage].seed if run.plan.stages else run.config.seed
+            sampler = GlobalRowSampler(len(rows), seed, progress.samples_in_stage, **position)
+            self._next_rows, self._next_indices = None, iter(sampler)
+        self._stage = stage
+
+    def _micro_batch(self) -> tuple[dict[str, torch.Tensor], list[int | None]]:
+        # Rows are read in this process (no DataLoader workers): reading a packed row is a cheap slice, and the
+        # stream position must advance exactly as the rows are consumed.
+        size = self.run.config.per_device_batch_size
+        if self._next_indices is None:
+            indices, rows = [None] * size, [next(self._next_rows) for _ in range(size)]
+        else:
+            indices, dataset = [next(self._next_indices) for _ in range(size)], self.run.train_rows[self._stage]
+            # `__getitems__` (what DataLoader calls too) reads a `datasets.Dataset`'s rows in one Arrow query.
+            getitems = getattr(dataset, "__getitems__", None)
+            rows = getitems(indices) if getitems else [dataset[index] for index in indices]
+        batch = self.run.collator(rows)
+        device = self.run.accelerator.device
+        return {key: value.to(device) for key, value in batch.items()}, indices
 
     def batches_of_step(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """The micro-batches of optimizer step `step` (0-based)."""
+        """The micro-batches of optimizer step `step` (0-based) for this process."""
         run, progress = self.run, self.run.progress
         stage = run.plan.stage_at(step)
         if stage != self._stage:
             if stage != progress.stage:
-                progress.stage, progress.epoch, progress.micro_batches_in_epoch = stage, 0, 0
+                progress.stage, progress.samples_in_stage = stage, 0
                 described = run.plan.stages[stage]
                 logger.info(
                     "Data stage %r from step %d: data seed %d, %s.",
@@ -73,9 +84,20 @@ class StageFeed:
                     ", ".join(source_label(source) for source in described.data),
                     extra=CONSOLE,
                 )
-            self._batches = micro_batches(run.train_loaders[stage], run.accelerator, progress)
-            self._stage = stage
-        return [next(self._batches) for _ in range(run.plan.micro_batches_at(step))]
+            self._open(stage)
+        batches, self.row_ids = [], []
+        for _ in range(run.plan.micro_batches_at(step)):
+            batch, row_ids = self._micro_batch()
+            batches.append(batch)
+            self.row_ids += row_ids
+        return batches
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the current stage's rows that the run has reached."""
+        if self._stream is not None:
+            return self._stream.epoch
+        return self.run.progress.samples_in_stage // len(self.run.train_rows[self.run.progress.stage])
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -124,6 +146,9 @@ def train_step(run: Run, batches: list[dict[str, torch.Tensor]]) -> StepOutput:
             loss = model(
                 **batch, use_cache=False, num_items_in_batch=num_items_in_batch, skip_logits=run.config.chunked_loss
             ).loss
+            # DeepSpeed's engine steps its optimizer after every backward that accelerate marks as syncing gradients
+            # (accelerate's `accumulate` would mark it from a step counter): only the step's last micro-batch is.
+            accelerator.sync_gradients = is_last
             accelerator.backward(loss * scale)
         # This process's share of the step's loss: what the averaging leaves of loss * scale.
         step_loss += loss.detach() if per_token else loss.detach() / averaged_over

@@ -13,6 +13,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from .build import Run, build_run
@@ -41,7 +42,9 @@ class PretrainResult:
 class StopRequest:
     """Turns SIGTERM/SIGINT into a request to save and stop at the next optimizer step.
 
-    A second signal restores the default handler, so an impatient Ctrl-C twice still kills the job.
+    A second SIGINT restores the default handler, so an impatient Ctrl-C twice still kills the job. A second SIGTERM
+    does not: Slurm signals every process of a job step and torchrun's agent passes on the one it got, so each worker
+    of a multi-node job receives two (tests/pretraining/test_multinode.py).
     """
 
     def __init__(self):
@@ -54,9 +57,13 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        logger.warning("Received %s: saving a checkpoint after this step, then stopping.", signal.Signals(signum).name)
+        if not self.requested:
+            logger.warning(
+                "Received %s: saving a checkpoint after this step, then stopping.", signal.Signals(signum).name
+            )
         self.requested = True
-        signal.signal(signum, self._previous[signum])
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous[signum])
 
     def __exit__(self, *exc_info) -> None:
         for signum, handler in self._previous.items():
@@ -96,7 +103,9 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                 step_tokens = run.tokens_of_step(run.progress.step)
                 run.progress.step += 1
                 run.progress.tokens_seen += step_tokens
-                run.records.add(run.progress.step, output, step_tokens, run.progress.tokens_seen, run.progress.epoch)
+                run.progress.samples_in_stage += run.plan.rows_at(run.progress.step - 1)
+                row_ids = torch.tensor(feed.row_ids) if config.record_row_ids else None
+                run.records.add(run.progress.step, output, step_tokens, run.progress.tokens_seen, feed.epoch, row_ids)
                 bar.update(1)
 
                 due = cadence.after(run.progress.step, stop_requested=any_process(run.accelerator, stop.requested))
