@@ -9,6 +9,11 @@ Stages, each timed on its own: batched tokenization, packing (`pack_token_ids`),
 whole pipeline end to end (`tokenize_and_pack` as a `datasets` map plus `PackedBatchCollator` batches). The
 baseline, measured in the same run, is a naive pure-Python loop: tokenize one document at a time, pack with Python
 lists, `goldfish_drop_mask` per row. Token counts include `<s>`/`</s>` and exclude padding.
+
+Pre-tokenized data (apertus_hf.data.pretokenized): writing the corpus's shards (`write_pretokenized`, reading the
+jsonl, tokenizing and writing, with 1 and 2 processes: wall-clock tokens/s of the whole write), then reading them as
+training does, rows in a seeded random order through a `DataLoader` with the collator (Goldfish included), beside
+the on-the-fly end-to-end row; and the rows alone, without the collator.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +36,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import datasets
 import torch
 import transformers
+from torch.utils.data import DataLoader, RandomSampler
 
 from apertus_hf.data import (
     IGNORE_INDEX,
@@ -40,6 +47,7 @@ from apertus_hf.data import (
     pack_token_ids,
     tokenize_and_pack,
 )
+from apertus_hf.data.pretokenized import PretokenizedRows, write_pretokenized
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDFISH_K, GOLDFISH_H = 50, 50
@@ -140,6 +148,14 @@ def collate_all(collator, rows) -> None:
         collator(rows[start : start + BATCH_ROWS])
 
 
+def read_all_rows(rows: PretokenizedRows, collator: PackedBatchCollator | None) -> None:
+    """Every row once, in the seeded random order of a training epoch, BATCH_ROWS at a time (collated if asked)."""
+    sampler = RandomSampler(rows, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(rows, batch_size=BATCH_ROWS, sampler=sampler, collate_fn=collator or (lambda batch: batch))
+    for _ in loader:
+        pass
+
+
 def run(seq_len: int, max_bytes: int, batch_size: int, repeats: int) -> dict:
     torch.set_num_threads(1)
     datasets.disable_progress_bars()
@@ -178,6 +194,24 @@ def run(seq_len: int, max_bytes: int, batch_size: int, repeats: int) -> dict:
     _, streaming_s = best_time(lambda: end_to_end(source.to_iterable_dataset()), repeats)
     naive_tokens, naive_s = best_time(lambda: naive_pipeline(documents, tokenizer, seq_len), repeats)
     assert naive_tokens == tokens, f"the baseline saw {naive_tokens} tokens, the pipeline {tokens}"
+
+    with tempfile.TemporaryDirectory() as folder:
+        corpus = Path(folder) / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"text": document}) + "\n" for document in documents))
+        write_seconds = {}
+        for num_proc in (1, 2):
+            output = Path(folder) / f"tokenized-{num_proc}"
+            written, write_seconds[num_proc] = best_time(
+                lambda output=output, num_proc=num_proc: write_pretokenized(
+                    DataSource(str(corpus)), tokenizer, output, num_proc=num_proc, batch_size=batch_size, overwrite=True
+                ),
+                repeats,
+            )
+        assert written.num_tokens == tokens, f"the shards hold {written.num_tokens} tokens, the pipeline {tokens}"
+        shard_rows = PretokenizedRows(written, seq_len)
+        read_all_rows(shard_rows, collator)  # warm-up: the page cache holds the shards, as for any but the first epoch
+        _, pretokenized_s = best_time(lambda: read_all_rows(shard_rows, collator), repeats)
+        _, rows_only_s = best_time(lambda: read_all_rows(shard_rows, None), repeats)
     return {
         "corpus": corpus_name,
         "tokenizer": tokenizer_name,
@@ -195,7 +229,12 @@ def run(seq_len: int, max_bytes: int, batch_size: int, repeats: int) -> dict:
             "end_to_end_dataset": round(tokens / end_to_end_s),
             "end_to_end_streaming": round(tokens / streaming_s),
             "naive": round(tokens / naive_s),
+            "pretokenize_1_process": round(tokens / write_seconds[1]),
+            "pretokenize_2_processes": round(tokens / write_seconds[2]),
+            "pretokenized_loader": round(tokens / pretokenized_s),
+            "pretokenized_rows_only": round(tokens / rows_only_s),
         },
+        "pretokenized_vs_on_the_fly": round(end_to_end_s / pretokenized_s, 2),
         "speedup_vs_naive": round(naive_s / end_to_end_s, 2),
         "speedup_vs_naive_streaming": round(naive_s / streaming_s, 2),
     }
@@ -221,6 +260,10 @@ def main() -> None:
     print(f"seq_len {result['seq_len']}: {result['rows']} rows, padding {result['padding_fraction']:.3%}")
     for stage, rate in result["tokens_per_s"].items():
         print(f"  {stage:<22} {rate:>12,} tokens/s")
+    print(
+        f"pre-tokenized loader (DataLoader + collator) vs on the fly (end to end, Dataset): "
+        f"{result['pretokenized_vs_on_the_fly']:.1f}x"
+    )
     print(f"speedup vs naive: {result['speedup_vs_naive']:.2f}x")
     print(f"speedup vs naive (streaming): {result['speedup_vs_naive_streaming']:.2f}x")
 
