@@ -164,7 +164,7 @@ def test_dry_run_prints_the_plan_without_building_anything():
         "1",
         "x",
         "128",
-        "34.9",
+        "35.8",
         "GiB",
     ]
     assert "Total: 26,760 steps, 224.48B tokens." in lines
