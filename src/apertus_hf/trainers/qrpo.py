@@ -45,6 +45,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    set_seed,
 )
 from transformers.data.data_collator import DataCollatorMixin
 from transformers.utils import is_peft_available, logging
@@ -418,6 +419,9 @@ class QRPOTrainer(Trainer):
         if ref_model is not None and ref_model is model:
             raise ValueError("ref_model must not be the policy itself; omit it to use the initial policy.")
 
+        # PEFT initialises the adapters at random: seeded, as TRL's trainers do, they depend on `seed` alone, not on
+        # what the process drew before (loading a model under ZeRO-3 draws differently than without it).
+        set_seed(args.seed)
         model_init_kwargs = dict(args.model_init_kwargs or {})
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model, **model_init_kwargs)
@@ -442,6 +446,7 @@ class QRPOTrainer(Trainer):
             model.enable_input_require_grads()
 
         self.ref_model = ref_model
+        self._reference: torch.nn.Module | None = None  # what scores the reference log-probs, built on first use
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         # One layout for the whole run, from the train dataset's columns: the collator stacks its members, the metrics
         # regroup them, and every eval dataset must have it too.
@@ -475,8 +480,11 @@ class QRPOTrainer(Trainer):
             }
         elif self.eval_dataset is not None:
             self.eval_dataset = self._with_reference_logps(self.eval_dataset, "eval")
-        # The reference policy is only needed for those log-probs: QRPO trains without it in memory.
-        self.ref_model = None
+        # The reference policy is only needed for those log-probs: QRPO trains without it in memory. A DeepSpeed engine
+        # also takes its ZeRO-3 hooks off the modules, which for the initial policy are the ones `train` prepares.
+        if self.is_deepspeed_enabled and self._reference is not None:
+            self._reference.destroy()
+        self.ref_model = self._reference = None
 
     # -- data -------------------------------------------------------------------------------------------------------
 
@@ -538,15 +546,7 @@ class QRPOTrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory,
         )
         loader = self.accelerator.prepare(loader)
-        if self.ref_model is not None:
-            reference = self.ref_model.to(self.accelerator.device)
-        elif self.is_deepspeed_enabled:
-            from trl.models.utils import prepare_deepspeed
-
-            # Before `train` prepares the model its ZeRO-3 shards are not gathered; an inference engine gathers them.
-            reference = prepare_deepspeed(self.model, self.accelerator)
-        else:
-            reference = self.model.to(self.accelerator.device)
+        reference = self._reference_policy()
         values = []
         was_training = reference.training
         reference.eval()
@@ -564,6 +564,20 @@ class QRPOTrainer(Trainer):
         for index, column in enumerate(columns):
             dataset = dataset.add_column(column, stacked[:, index].tolist())
         return dataset
+
+    def _reference_policy(self) -> torch.nn.Module:
+        """`ref_model`, else the initial policy, ready to score on this process; built once for every dataset."""
+        if self._reference is None:
+            model = self.ref_model if self.ref_model is not None else self.model
+            if self.is_deepspeed_enabled:
+                from trl.models.utils import prepare_deepspeed
+
+                # Under ZeRO-3 both are loaded sharded, and nothing gathers the shards before `train` prepares the
+                # policy (or ever, for `ref_model`): an inference engine does, as TRL's DPOTrainer scores its reference.
+                self._reference = prepare_deepspeed(model, self.accelerator)
+            else:
+                self._reference = model.to(self.accelerator.device)
+        return self._reference
 
     def _reference_context(self, reference: torch.nn.Module):
         if self.ref_model is None and _is_peft_model(self.accelerator.unwrap_model(reference)):

@@ -259,6 +259,8 @@ class PostTrainingRecipe(Generic[ArgumentsType, ConfigType]):
             values["accelerator_config"] = {**(given if isinstance(given, dict) else {}), "use_configured_state": True}
         classes = (self.arguments_class, self.config_class)
         recipe, args = recipe_configs_from_dict(classes, {**runtime, **self.config_defaults, **values}, sources)
+        if args.deepspeed_plugin is not None:
+            defer_deepspeed_to_training_arguments(args)
         if args.push_to_hub:
             raise PostTrainingRecipeError(
                 "push_to_hub would make the trainer upload TRL's model card with every save; set hub_model_id only: "
@@ -275,6 +277,28 @@ class PostTrainingRecipe(Generic[ArgumentsType, ConfigType]):
         classes = [self.arguments_class, self.config_class]
         help_text = recipe_help(classes, self.config_defaults, documentation, description, HUB_OPTIONS_HELP)
         return self.configs(*read_recipe_args(argv, help_text))
+
+
+# The DeepSpeed options that TrainingArguments also have (max_grad_norm, gradient_accumulation_steps and the batch
+# sizes). accelerate_configs/zero3.yaml sets some for pretraining, whose recipe overwrites them with its own.
+DEEPSPEED_OPTIONS_OF_THE_RECIPE = (
+    "gradient_clipping",
+    "gradient_accumulation_steps",
+    "train_micro_batch_size_per_gpu",
+    "train_batch_size",
+)
+
+
+def defer_deepspeed_to_training_arguments(args: TrainingArguments) -> None:
+    """Set the DeepSpeed options that `args` also has to "auto", which `Trainer` fills from `args`: the recipe, not the
+    accelerate config, owns clipping and the batch shape (as in pretraining). Left as the config file gives them,
+    `Trainer` refuses a run whose recipe differs (e.g. `ds gradient_clipping=0.1 vs hf max_grad_norm=1.0`), and only
+    after the reference log-probs of QRPO were computed."""
+    config = args.deepspeed_plugin.deepspeed_config
+    for option in DEEPSPEED_OPTIONS_OF_THE_RECIPE:
+        if config.get(option, "auto") != "auto":
+            logger.info("DeepSpeed %s=%s of the accelerate config gives way to the recipe's.", option, config[option])
+        config[option] = "auto"
 
 
 def peft_config(recipe: PostTrainingArguments):

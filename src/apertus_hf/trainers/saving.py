@@ -5,14 +5,17 @@ from. The recipes in recipes/ then write the card and publish (apertus_hf.hub); 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..tokenization import has_apertus_special_tokens
@@ -105,6 +108,21 @@ def last_eval_loss(trainer: Trainer) -> float | None:
     return losses[-1] if losses else None
 
 
+@contextlib.contextmanager
+def _loading_whole_models(trainer: Trainer) -> Iterator[None]:
+    """Inside, `from_pretrained` loads a whole model on this process alone. Under ZeRO-3 it would load it sharded
+    over all processes, a step each of them must take: one process merging a LoRA model would wait forever."""
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        # The run's DeepSpeed config, which accelerate's plugin keeps alive for transformers' weak reference.
+        set_hf_deepspeed_config(trainer.accelerator.state.deepspeed_plugin.dschf)
+
+
 def save_post_trained_model(
     trainer: Trainer,
     spec: PostTrainingRecipe,
@@ -171,8 +189,9 @@ def save_post_trained_model(
         plain_model_dir = output_dir / MERGED_FOLDER_NAME
         if trainer.is_world_process_zero():
             # From the files just saved rather than the live model: under ZeRO-3 the live weights are shards.
-            merged = AutoModelForCausalLM.from_pretrained(recipe.model_name_or_path, dtype=recipe.dtype)
-            merged = PeftModel.from_pretrained(merged, output_dir).merge_and_unload()
+            with _loading_whole_models(trainer):
+                merged = AutoModelForCausalLM.from_pretrained(recipe.model_name_or_path, dtype=recipe.dtype)
+                merged = PeftModel.from_pretrained(merged, output_dir).merge_and_unload()
             merged.generation_config = generation_config
             if instruct:
                 merged.config.eos_token_id = ASSISTANT_END_TOKEN_ID
