@@ -22,8 +22,10 @@ def rows_of_steps(read, global_batches: list[int], num_processes: int, start: in
     return steps
 
 
-def sampler_reader(num_rows: int, seed: int, num_processes: int):
-    return lambda process, start: iter(GlobalRowSampler(num_rows, seed, start, process, num_processes))
+def sampler_reader(num_rows: int, seed: int, num_processes: int, micro_batch_rows: int = 1):
+    return lambda process, start: iter(
+        GlobalRowSampler(num_rows, seed, start, process, num_processes, micro_batch_rows)
+    )
 
 
 @pytest.mark.parametrize("num_rows", [7, 24, 25])
@@ -32,6 +34,27 @@ def test_every_process_count_consumes_the_same_rows_at_every_step_across_epochs(
     expected = rows_of_steps(sampler_reader(num_rows, 3, 1), batches, 1)
     for processes in (2, 4):
         assert rows_of_steps(sampler_reader(num_rows, 3, processes), batches, processes) == expected
+
+
+def test_each_micro_batch_holds_the_same_rows_whatever_the_number_of_processes():
+    """Megatron's dealing: micro-batches of b consecutive rows of the global order, every P-th to a process; so a loss
+    averaged per micro-batch is the same on any number of processes."""
+
+    def micro_batches(num_processes: int) -> list[set[frozenset[int]]]:
+        readers = [
+            iter(GlobalRowSampler(13, 3, 0, process, num_processes, micro_batch_rows=2))
+            for process in range(num_processes)
+        ]
+        steps = []
+        for _ in range(5):  # steps of 8 rows: 4 micro-batches of 2
+            per_step = set()
+            for _ in range(4 // num_processes):
+                for reader in readers:
+                    per_step.add(frozenset(itertools.islice(reader, 2)))
+            steps.append(per_step)
+        return steps
+
+    assert micro_batches(1) == micro_batches(2) == micro_batches(4)
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (4, 2), (1, 4)])
@@ -60,12 +83,12 @@ def test_a_stream_reads_the_same_global_order_and_resumes_at_a_global_position()
     rows = datasets.Dataset.from_dict({"row": list(range(9))}).to_iterable_dataset(num_shards=3).shuffle(seed=2)
 
     def read(processes):
-        return lambda process, start: (item["row"] for item in GlobalRowStream(rows, start, process, processes))
+        return lambda process, start: (item["row"] for item in GlobalRowStream(rows, start, process, processes, 2))
 
-    batches = [2, 4, 4, 4, 6]
+    batches = [4, 8, 4, 4, 8]  # global batches are whole micro-batches of 2 rows on every process
     expected = rows_of_steps(read(1), batches, 1)
     assert rows_of_steps(read(2), batches, 2) == expected
-    assert rows_of_steps(read(2), batches[2:], 2, start=6) == expected[2:]
+    assert rows_of_steps(read(2), batches[2:], 2, start=12) == expected[2:]
     # Epochs reshuffle (IterableDataset.set_epoch) and each holds every row once.
     flat = list(itertools.islice(read(1)(0, 0), 18))
     assert sorted(flat[:9]) == sorted(flat[9:]) == list(range(9)) and flat[:9] != flat[9:]
@@ -78,6 +101,8 @@ def test_bad_positions_and_empty_data_are_refused():
         GlobalRowSampler(4, 0, 0, 2, 2)
     with pytest.raises(ValueError, match="start position"):
         GlobalRowSampler(4, 0, -1, 0, 1)
+    with pytest.raises(ValueError, match="micro_batch_rows"):
+        GlobalRowSampler(4, 0, 0, 0, 1, micro_batch_rows=0)
     empty = datasets.IterableDataset.from_generator(
         lambda: iter(()), features=datasets.Features({"row": datasets.Value("int64")})
     )

@@ -121,8 +121,8 @@ def test_loss_averaging_must_be_a_known_name():
 @pytest.mark.slow
 def test_ddp_over_two_processes_averages_like_two_micro_batches_of_one(tmp_path, small_corpus, monkeypatch):
     """per_micro_batch averages over data-parallel ranks as over micro-batches: two processes of one micro-batch of 2
-    rows train exactly as one process accumulating two micro-batches of 2 rows (the seedable sampler deals the same
-    rows), and differently from per_token on the same rows: Goldfish with k=2 drops about half of the targets, so the
+    rows train exactly as one process accumulating two micro-batches of 2 rows (the global row order deals the same
+    micro-batches), and differently from per_token on the same rows: Goldfish with k=2 drops about half of the targets, so the
     micro-batches keep unequal numbers of them."""
     options = {"max_steps": 4, "eval_documents": 4, "eval_steps": 0, "checkpoint_steps": 0, "logging_steps": 1}
     options |= {"per_device_batch_size": 2, "loss_averaging": "per_micro_batch", "goldfish_k": 2, "goldfish_h": 2}
@@ -153,6 +153,10 @@ def test_ddp_over_two_processes_averages_like_two_micro_batches_of_one(tmp_path,
     for single_record, ddp_record in zip(single_records, ddp_records, strict=True):
         assert ddp_record["train/loss"] == pytest.approx(single_record["train/loss"], rel=1e-5)
         assert ddp_record["train/grad_norm"] == pytest.approx(single_record["train/grad_norm"], rel=1e-5)
-    # The gradient norms of the first step (the losses of a fresh model differ less: every target costs about the same).
-    first_step = single_records[0]["train/grad_norm"], per_token_records[0]["train/grad_norm"]
-    assert first_step[0] != pytest.approx(first_step[1], rel=5e-3)
+    # The gradient norms differ from per_token's (the losses of a fresh model differ less: every target costs about the
+    # same): by 0.03% to 0.7% over the 4 steps of these rows, far more than the 1e-5 of the comparison above.
+    differences = [
+        abs(record["train/grad_norm"] / per_token_record["train/grad_norm"] - 1)
+        for record, per_token_record in zip(single_records, per_token_records, strict=True)
+    ]
+    assert max(differences) > 5e-3 and min(differences) > 1e-4, differences

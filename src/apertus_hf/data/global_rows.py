@@ -6,8 +6,9 @@ the same. The global row stream of a dataset is its rows, epoch after epoch, eac
 keyed by `seed + epoch` (for a map-style dataset; a streaming dataset is read in its own order, epoch after epoch).
 The permutation is computed row by row (`RowPermutation`), so a corpus of billions of rows costs no memory.
 Optimizer step t consumes the next `global_batch` rows of the stream, [c, c + global_batch) where c is the number of
-rows consumed before it; process p of P takes the rows c + p, c + p + P, c + p + 2P, ... of that range, its
-micro-batches in that order.
+rows consumed before it. As Megatron's sampler deals them, the range is cut into micro-batches of b consecutive rows
+(b = rows per process per micro-batch) and process p of P takes micro-batches p, p + P, p + 2P, ...: the rows of
+every micro-batch, and so a loss averaged per micro-batch, do not depend on P either.
 
 Written here because neither library offers it: Accelerate shards a loader by whole batches within an epoch and can
 skip only whole per-process batches on resume, so the position it restores is one of this number of processes (and
@@ -67,9 +68,11 @@ class RowPermutation:
         return value
 
 
-def _check_position(start: int, process_index: int, num_processes: int) -> None:
+def _check_position(start: int, process_index: int, num_processes: int, micro_batch_rows: int) -> None:
     if num_processes < 1 or not 0 <= process_index < num_processes:
         raise ValueError(f"process_index must be in [0, num_processes), got {process_index} of {num_processes}.")
+    if micro_batch_rows < 1:
+        raise ValueError(f"micro_batch_rows must be >= 1, got {micro_batch_rows}.")
     if start < 0:
         raise ValueError(f"The start position must be >= 0, got {start}.")
 
@@ -83,31 +86,51 @@ class GlobalRowSampler(Sampler[int]):
         seed: the order of epoch e is the permutation keyed by seed + e.
         start: global rows consumed before (0 for a fresh run).
         process_index, num_processes: this process among those reading the stream.
+        micro_batch_rows: rows of one micro-batch of one process (the unit dealt to the processes).
         shuffle: False reads every epoch in the dataset's own order.
     """
 
     def __init__(
-        self, num_rows: int, seed: int, start: int, process_index: int, num_processes: int, shuffle: bool = True
+        self,
+        num_rows: int,
+        seed: int,
+        start: int,
+        process_index: int,
+        num_processes: int,
+        micro_batch_rows: int = 1,
+        shuffle: bool = True,
     ):
         if num_rows < 1:
             raise ValueError("The training data has no packed row: add documents or lower seq_len.")
-        _check_position(start, process_index, num_processes)
+        _check_position(start, process_index, num_processes, micro_batch_rows)
         self.num_rows, self.seed, self.start, self.shuffle = num_rows, seed, start, shuffle
-        self.process_index, self.num_processes = process_index, num_processes
+        self.process_index, self.num_processes, self.micro_batch_rows = process_index, num_processes, micro_batch_rows
 
     def epoch_order(self, epoch: int) -> RowPermutation | range:
         """The dataset's row indices in the order of epoch `epoch` (indexable, computed on access)."""
         return RowPermutation(self.num_rows, self.seed + epoch) if self.shuffle else range(self.num_rows)
 
     def __iter__(self) -> Iterator[int]:
-        position = self.start + self.process_index
         epoch, order = None, None
-        while True:
+        for position in _positions(self.start, self.process_index, self.num_processes, self.micro_batch_rows):
             row_epoch, row = divmod(position, self.num_rows)
             if row_epoch != epoch:
                 epoch, order = row_epoch, self.epoch_order(row_epoch)
             yield order[row]
-            position += self.num_processes
+
+
+def _positions(start: int, process_index: int, num_processes: int, micro_batch_rows: int) -> Iterator[int]:
+    """The global positions one process reads from `start` on: its micro-batches, every num_processes-th."""
+    chunk = process_index
+    while True:
+        first = start + chunk * micro_batch_rows
+        yield from range(first, first + micro_batch_rows)
+        chunk += num_processes
+
+
+def _is_read_by(offset: int, process_index: int, num_processes: int, micro_batch_rows: int) -> bool:
+    """Whether the row `offset` rows after the start position belongs to a micro-batch of this process."""
+    return (offset // micro_batch_rows) % num_processes == process_index
 
 
 class GlobalRowStream(IterableDataset):
@@ -118,10 +141,10 @@ class GlobalRowStream(IterableDataset):
     `epoch` is the epoch of the last row yielded.
     """
 
-    def __init__(self, rows: Any, start: int, process_index: int, num_processes: int):
-        _check_position(start, process_index, num_processes)
+    def __init__(self, rows: Any, start: int, process_index: int, num_processes: int, micro_batch_rows: int = 1):
+        _check_position(start, process_index, num_processes, micro_batch_rows)
         self.rows, self.start = rows, start
-        self.process_index, self.num_processes = process_index, num_processes
+        self.process_index, self.num_processes, self.micro_batch_rows = process_index, num_processes, micro_batch_rows
         self.epoch = 0
 
     def __iter__(self) -> Iterator[Any]:
@@ -131,7 +154,8 @@ class GlobalRowStream(IterableDataset):
             produced = False
             for row in self.rows:
                 produced = True
-                if position >= self.start and (position - self.start) % self.num_processes == self.process_index:
+                offset = position - self.start
+                if offset >= 0 and _is_read_by(offset, self.process_index, self.num_processes, self.micro_batch_rows):
                     self.epoch = epoch
                     yield row
                 position += 1

@@ -42,7 +42,11 @@ class StageFeed:
     def _open(self, stage: int) -> None:
         run, progress = self.run, self.run.progress
         accelerator, rows = run.accelerator, run.train_rows[stage]
-        position = {"process_index": accelerator.process_index, "num_processes": accelerator.num_processes}
+        position = {
+            "process_index": accelerator.process_index,
+            "num_processes": accelerator.num_processes,
+            "micro_batch_rows": run.config.per_device_batch_size,
+        }
         if run.config.streaming:
             self._stream = GlobalRowStream(rows, start=progress.samples_in_stage, **position)
             self._next_rows, self._next_indices = iter(self._stream), None
