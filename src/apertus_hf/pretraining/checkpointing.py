@@ -190,7 +190,7 @@ def load_latest_checkpoint(accelerator: Accelerator, checkpoints_dir: str | Path
     for folder in complete_checkpoints(checkpoints_dir):
         try:
             if accelerator.distributed_type == DistributedType.DEEPSPEED and (
-                checkpoint_world_size(folder) != accelerator.num_processes
+                (saved_by := checkpoint_world_size(folder)) != accelerator.num_processes
             ):
                 # DeepSpeed's ZeRO-3 shards load only on as many processes as saved them; reshard them here.
                 load_resharded_state(accelerator, folder)
@@ -198,7 +198,7 @@ def load_latest_checkpoint(accelerator: Accelerator, checkpoints_dir: str | Path
                     "Checkpoint %s was saved by %d processes and is resharded onto %d: model and optimizer state are "
                     "those saved; losses continue within rounding of the original run, not bit for bit.",
                     folder,
-                    checkpoint_world_size(folder),
+                    saved_by,
                     accelerator.num_processes,
                     extra=CONSOLE,
                 )

@@ -101,9 +101,9 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                 set_accumulation(run, run.plan.micro_batches_at(run.progress.step))
                 output = train_step(run, feed.batches_of_step(run.progress.step))
                 step_tokens = run.tokens_of_step(run.progress.step)
+                run.progress.samples_in_stage += run.plan.rows_at(run.progress.step)
                 run.progress.step += 1
                 run.progress.tokens_seen += step_tokens
-                run.progress.samples_in_stage += run.plan.rows_at(run.progress.step - 1)
                 row_ids = torch.tensor(feed.row_ids) if config.record_row_ids else None
                 run.records.add(run.progress.step, output, step_tokens, run.progress.tokens_seen, feed.epoch, row_ids)
                 bar.update(1)
