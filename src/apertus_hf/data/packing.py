@@ -81,11 +81,17 @@ def tokenize_and_pack(
     return packed if isinstance(packed, datasets.IterableDataset) else packed.with_format("numpy")
 
 
+def tokenize_documents(texts: list[str], tokenizer: Any) -> list[list[int]]:
+    """The ids of each document, without special tokens; special tokens written in the text (a literal "</s>") stay
+    plain text. The one tokenizer call of every pretraining data path (on the fly and pre-tokenized)."""
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False)
+    return encoded["input_ids"]
+
+
 def _pack_batch(
     texts: list[str], tokenizer: Any, seq_len: int, bos_id: int, eos_id: int, pad_id: int
 ) -> dict[str, np.ndarray]:
-    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False)
-    return pack_token_ids(encoded["input_ids"], seq_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    return pack_token_ids(tokenize_documents(texts, tokenizer), seq_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
 
 
 def pack_token_ids(

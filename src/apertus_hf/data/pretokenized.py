@@ -48,6 +48,7 @@ import yaml
 
 from ..loss import IGNORE_INDEX
 from ..tokenization import load_tokenizer
+from .packing import tokenize_documents
 from .sources import DataSource, LoadStats, OnBadRecord, TextUnit, load_documents
 
 FORMAT_NAME = "apertus_hf-pretokenized"
@@ -209,9 +210,7 @@ def _move_into_place(staging: Path, output: Path) -> None:
 
 
 def _tokenize_documents(texts: list[str], tokenizer: Any, bos_id: int, eos_id: int) -> dict[str, list[list[int]]]:
-    # The call of tokenize_and_pack, so that both paths produce the same ids.
-    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False)
-    return {"input_ids": [[bos_id, *ids, eos_id] for ids in encoded["input_ids"]]}
+    return {"input_ids": [[bos_id, *ids, eos_id] for ids in tokenize_documents(texts, tokenizer)]}
 
 
 class _HashedFile:

@@ -65,6 +65,8 @@ class Run:
     """Global batch, schedule position and data stage of every optimizer step."""
     train_rows: list[Any]
     """The packed rows of each data stage (one without stages); StageFeed reads them in their global order."""
+    data_seeds: list[int]
+    """The data seed of each data stage (the run's seed without stages): it orders that stage's rows."""
     collator: PackedBatchCollator
     """Makes micro-batches of training rows: Goldfish drops, document masking, position resets."""
     eval_loader: DataLoader | None
@@ -548,6 +550,7 @@ def _build_run(
         scheduler=scheduler,
         plan=plan,
         train_rows=train_rows,
+        data_seeds=seeds,
         collator=collator,
         eval_loader=eval_loader,
         progress=progress,

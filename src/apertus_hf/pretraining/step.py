@@ -52,8 +52,7 @@ class StageFeed:
             self._next_rows, self._next_indices = iter(self._stream), None
         else:
             self._stream = None
-            seed = run.plan.stages[stage].seed if run.plan.stages else run.config.seed
-            sampler = GlobalRowSampler(len(rows), seed, progress.samples_in_stage, **position)
+            sampler = GlobalRowSampler(len(rows), run.data_seeds[stage], progress.samples_in_stage, **position)
             self._next_rows, self._next_indices = None, iter(sampler)
         self._stage = stage
 
