@@ -27,6 +27,7 @@ LAYERS = {
     "recipe_args": 2,
     "preference": 3,
     "evaluation": 4,
+    "chat": 4,
     "pretraining": 5,
     "trainers": 5,
     "hub": 6,
