@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 TRAINING_FACTS_FILE_NAME = "training_facts.json"
 
-Stage = Literal["pretraining", "sft", "dpo", "qrpo"]
+Stage = Literal["pretraining", "sft", "dpo", "qrpo", "reward"]
 
 
 class TrainingFactsError(ValueError):
@@ -49,7 +49,7 @@ class TrainingFacts:
     """The facts of one run, as the model card states them."""
 
     stage: Stage
-    """Which training made the model: pretraining, or post-training by sft, dpo or qrpo."""
+    """Which training made the model: pretraining, or post-training by sft, dpo, qrpo or reward (a reward model)."""
     base_model: str | None
     """The model it started from (init_from / model_name_or_path): a Hub id or a portable path; None when fresh."""
     datasets: list[str]

@@ -1,4 +1,5 @@
-"""The model card of a model folder, one for every stage that trains a model: pretraining, SFT, DPO and QRPO.
+"""The model card of a model folder, one for every stage that trains a model: pretraining, SFT, DPO, QRPO and reward
+models.
 
 The card is built from what the folder holds: the run's `TrainingFacts` (`training_facts.json`: stage, base model,
 data, trained context length, steps, tokens seen, held-out evaluation, license, hyperparameters, citations), the
@@ -26,7 +27,7 @@ import transformers
 from huggingface_hub import EvalResult as HubEvalResult
 from huggingface_hub import ModelCard, ModelCardData
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
 from ..evaluation.common import RESULTS_DIR_NAME, EvalResult, read_results
 from ..training_facts import TrainingFacts
@@ -68,7 +69,15 @@ METHODS = {
         "ratio to a frozen reference model onto the quantile of each answer's reward among the reference model's "
         "answers to the same prompt, a pointwise objective whose partition function is known exactly.",
     ),
+    "reward": (
+        "reward modelling",
+        "Reward modelling: a new linear head reads one score at the last token of a prompt and its answer; on pairs "
+        "of a chosen and a rejected answer to the same prompt it learned to score the chosen one higher "
+        "(Bradley-Terry loss, as in InstructGPT; Ouyang et al., 2022).",
+    ),
 }
+# The Hub's pipeline of each stage's model: a reward model scores text, every other stage generates it.
+PIPELINE_TAGS = {"reward": "text-classification"}
 
 # Prompts for the Hub's text-generation widget, one per language a base model was trained on.
 WIDGET_PROMPTS = {
@@ -178,7 +187,12 @@ def build_model_card(
         started_from = started_from or config.get("base_model_name_or_path")
     hub_base_model = started_from if started_from and is_hub_id(started_from) else None
     license_id = _license(license, facts)
-    card_tags = [*TAGS, *(facts.tags if facts else ()), *tags]
+    pipeline_tag = PIPELINE_TAGS.get(stage, "text-generation")
+    card_tags = [
+        *(pipeline_tag if tag == "text-generation" else tag for tag in TAGS),
+        *(facts.tags if facts else ()),
+        *tags,
+    ]
     if adapter:
         card_tags += ["peft", "lora"]
     if len(languages) > 1:
@@ -190,7 +204,7 @@ def build_model_card(
         license=license_id,
         language=languages or None,
         library_name="peft" if adapter else "transformers",
-        pipeline_tag="text-generation",
+        pipeline_tag=pipeline_tag,
         base_model=hub_base_model,
         datasets=hub_dataset_ids(sources) or None,
         tags=list(dict.fromkeys(card_tags)),
@@ -282,6 +296,12 @@ def count_parameters(folder: str | Path) -> int:
     config_dict = json.loads(Path(folder, "config.json").read_text())
     model_type = config_dict["model_type"]
     config = getattr(transformers, CONFIG_MAPPING_NAMES[model_type]).from_pretrained(folder)
+    if any(name.endswith("ForSequenceClassification") for name in config_dict.get("architectures") or []):
+        # A reward model (transformers' GenericForSequenceClassification, which stock transformers has no Apertus
+        # class of): the base model and a bias-free linear score head where a causal LM has its LM head.
+        with torch.device("meta"):
+            base_model = getattr(transformers, MODEL_MAPPING_NAMES[model_type])(config)
+        return sum(parameter.numel() for parameter in base_model.parameters()) + config.hidden_size * config.num_labels
     model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
     with torch.device("meta"):
         model = model_class(config)
@@ -350,7 +370,7 @@ def _training_evaluation(facts: TrainingFacts) -> EvalResult:
         evaluation="training",
         model=facts.base_model or "",
         task_name="held-out evaluation",
-        task_type="text-generation",
+        task_type=PIPELINE_TAGS.get(facts.stage, "text-generation"),
         dataset_name="held-out split of the training data",
         dataset_type=datasets[0] if len(datasets) == 1 and len(facts.datasets) == 1 else "local",
         metrics=dict(facts.eval_results),

@@ -1,4 +1,5 @@
-"""What the post-training recipes (SFT, DPO, QRPO) share: their own options, how a recipe is parsed, and the builders.
+"""What the post-training recipes (SFT, DPO, QRPO, reward models) share: their own options, how a recipe is parsed,
+and the builders.
 
 A recipe is two dataclasses, as in alignment-handbook's scripts: the trainer's TRL config (`SFTConfig`, `DPOConfig`,
 our `QRPOConfig`), which owns every `TrainingArguments` option (output_dir, learning_rate, warmup_steps, save_steps,
@@ -9,7 +10,7 @@ TRL config (the embedded default runs) apply before the YAML.
 
 The builders turn the two into the pieces a TRL trainer takes: `peft_config` (a PEFT `LoraConfig` or None),
 `optimizer_cls_and_kwargs` (AdEMAMix through `Trainer`'s own hook), `load_post_training_dataset`,
-`load_policy_model` and `chat_tokenizer`.
+`load_policy_model` (or `load_reward_model`, for a reward model) and `chat_tokenizer`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ from typing import Any, Generic, Literal, TypeVar
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainingArguments,
+)
 from transformers.trainer_utils import get_last_checkpoint
+from trl.trainer.reward_trainer import suppress_seqcls_warning
 
 from ..data.tables import load_dataset_splits
 from ..optim import AdEMAMix
@@ -35,6 +43,8 @@ from ..tokenization import load_chat_tokenizer
 
 logger = logging.getLogger(__name__)
 
+# The score head of `AutoModelForSequenceClassification` (transformers' GenericForSequenceClassification).
+REWARD_HEAD_NAME = "score"
 TRAINING_ARGUMENTS_DOCS = "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
 
 
@@ -217,13 +227,15 @@ class PostTrainingRecipe(Generic[ArgumentsType, ConfigType]):
     """One post-training recipe: its stage, its two option classes, its defaults for the TRL config, and where the
     docs of the TRL config are."""
 
-    stage: Literal["sft", "dpo", "qrpo"]
+    stage: Literal["sft", "dpo", "qrpo", "reward"]
     arguments_class: type[ArgumentsType]
     config_class: type[ConfigType]
     config_defaults: Mapping[str, Any]
     recipe_file_name: str
     """The file in output_dir that holds the resolved recipe; `--config` loads it again."""
     config_docs: str
+    task_type: Literal["CAUSAL_LM", "SEQ_CLS"] = "CAUSAL_LM"
+    """What the trained model is: a causal LM, or a reward model (a sequence classifier with one score, SEQ_CLS)."""
 
     def configs(
         self, values: Mapping[str, Any] | None = None, source: str | Mapping[str, str] = "the recipe"
@@ -301,18 +313,20 @@ def defer_deepspeed_to_training_arguments(args: TrainingArguments) -> None:
         config[option] = "auto"
 
 
-def peft_config(recipe: PostTrainingArguments):
-    """The PEFT `LoraConfig` of `recipe`, or None without `use_lora`."""
+def peft_config(recipe: PostTrainingArguments, task_type: Literal["CAUSAL_LM", "SEQ_CLS"] = "CAUSAL_LM"):
+    """The PEFT `LoraConfig` of `recipe`, or None without `use_lora`. For a reward model (SEQ_CLS) the new score head
+    is trained and saved whole beside the adapters (it has no pretrained weights to adapt)."""
     if not recipe.use_lora:
         return None
     from peft import LoraConfig
 
     return LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
         lora_dropout=recipe.lora_dropout,
         target_modules=recipe.lora_target_modules,
+        modules_to_save=[REWARD_HEAD_NAME] if task_type == "SEQ_CLS" else None,
     )
 
 
@@ -395,6 +409,27 @@ def load_policy_model(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return AutoModelForCausalLM.from_pretrained(
         source, dtype=recipe.dtype, attn_implementation=resolve_attn_implementation(recipe.attn_implementation, device)
+    )
+
+
+def load_sequence_classifier(source: str, dtype: str, attn_implementation: str | None = None) -> PreTrainedModel:
+    """A reward model (`AutoModelForSequenceClassification`, one score) from `source`. From a causal LM's folder it
+    takes the transformer's weights and leaves the LM head out; its score head is new, initialised from the global
+    random state (seed it first), and the load does not warn about either."""
+    with suppress_seqcls_warning():
+        return AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, dtype=dtype, attn_implementation=attn_implementation
+        )
+
+
+def load_reward_model(recipe: PostTrainingArguments) -> PreTrainedModel:
+    """The reward model `recipe` trains, from the causal LM (or reward model) `recipe.model_name_or_path`, through
+    the Auto classes (so ours for `apertus`); see `load_sequence_classifier`."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return load_sequence_classifier(
+        check_model_source(recipe.model_name_or_path),
+        recipe.dtype,
+        resolve_attn_implementation(recipe.attn_implementation, device),
     )
 
 

@@ -14,7 +14,14 @@ from typing import Any
 
 import yaml
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
 from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
 from transformers.trainer import TRAINING_ARGS_NAME
 
@@ -22,7 +29,7 @@ from ..tokenization import has_apertus_special_tokens
 from ..tokenization.apertus import apertus_generation_config
 from ..tokenization.special_tokens import ASSISTANT_END_TOKEN_ID
 from ..training_facts import TrainingFacts, portable_path
-from .recipe import PostTrainingArguments, PostTrainingRecipe, plain_value
+from .recipe import PostTrainingArguments, PostTrainingRecipe, load_sequence_classifier, plain_value
 
 MERGED_FOLDER_NAME = "merged"
 
@@ -62,10 +69,11 @@ def recipe_values(spec: PostTrainingRecipe, recipe: PostTrainingArguments, args:
 
 def chat_generation_config(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel):
     """The generation config of a post-trained model: Apertus' (stop on `</s>`, `<|assistant_end|>`,
-    `<|tools_suffix|>`; temperature 0.8, top_p 0.9) when the tokenizer has the Apertus chat tokens, else the model's."""
+    `<|tools_suffix|>`; temperature 0.8, top_p 0.9) when the tokenizer has the Apertus chat tokens, else the model's
+    (one from its config's token ids for a reward model, which has none)."""
     if has_apertus_special_tokens(tokenizer):
         return apertus_generation_config()
-    return model.generation_config
+    return getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
 
 
 def _warmup(args: TrainingArguments) -> str:
@@ -132,6 +140,7 @@ def save_post_trained_model(
     method_rows: dict[str, str] | None = None,
     citations: list[str] | None = None,
     with_perplexity: bool = False,
+    eval_results: dict[str, float] | None = None,
 ) -> Path:
     """Save the final model (the adapter under LoRA) with its tokenizer, chat generation config, the recipe
     (`spec.recipe_file_name`) and its `TrainingFacts` into output_dir; under LoRA with `merge_lora` also the merged
@@ -140,7 +149,7 @@ def save_post_trained_model(
     A model trained on the Apertus chat format ends its turns with `<|assistant_end|>`, so that is its config's EOS
     (as in the released Apertus instruct models) and one of its generation stop tokens. `method_rows` and
     `citations` describe the training method on the card; `with_perplexity` adds exp(eval loss) to its results (a
-    language-modelling loss, as SFT's).
+    language-modelling loss, as SFT's), and `eval_results` the recipe's own held-out measurements.
 
     Returns the folder a plain `transformers` user loads: output_dir, or output_dir/merged under LoRA.
     """
@@ -153,9 +162,10 @@ def save_post_trained_model(
         model.config.eos_token_id = ASSISTANT_END_TOKEN_ID
     trainer.save_model(str(output_dir))
     eval_loss = last_eval_loss(trainer)
-    eval_results = {} if eval_loss is None else {"loss": eval_loss}
+    measured = {} if eval_loss is None else {"loss": eval_loss}
     if eval_loss is not None and with_perplexity:
-        eval_results["perplexity"] = math.exp(min(eval_loss, 700.0))  # exp overflows a float above ~709
+        measured["perplexity"] = math.exp(min(eval_loss, 700.0))  # exp overflows a float above ~709
+    measured.update(eval_results or {})
     facts = TrainingFacts(
         stage=spec.stage,
         base_model=recipe.model_name_or_path,
@@ -167,7 +177,7 @@ def save_post_trained_model(
             if args.include_num_input_tokens_seen not in ("no", False)
             else None
         ),
-        eval_results=eval_results,
+        eval_results=measured,
         license=recipe.license,
         hyperparameters={**hyperparameter_rows(recipe, args, trainer.accelerator.num_processes), **(method_rows or {})},
         tags=[spec.stage, *(["lora"] if recipe.use_lora else [])],
@@ -190,12 +200,18 @@ def save_post_trained_model(
         if trainer.is_world_process_zero():
             # From the files just saved rather than the live model: under ZeRO-3 the live weights are shards.
             with _loading_whole_models(trainer):
-                merged = AutoModelForCausalLM.from_pretrained(recipe.model_name_or_path, dtype=recipe.dtype)
+                if spec.task_type == "SEQ_CLS":
+                    merged = load_sequence_classifier(recipe.model_name_or_path, recipe.dtype)
+                else:
+                    merged = AutoModelForCausalLM.from_pretrained(recipe.model_name_or_path, dtype=recipe.dtype)
                 merged = PeftModel.from_pretrained(merged, output_dir).merge_and_unload()
             merged.generation_config = generation_config
+            # As the trainer set it (a reward model's head pools at the last token that is not padding).
+            merged.config.pad_token_id = model.config.pad_token_id
             if instruct:
                 merged.config.eos_token_id = ASSISTANT_END_TOKEN_ID
             merged.save_pretrained(plain_model_dir)
+            generation_config.save_pretrained(plain_model_dir)  # save_pretrained skips it for a reward model
             trainer.processing_class.save_pretrained(plain_model_dir)
             (plain_model_dir / spec.recipe_file_name).write_text(recipe_text)
             dataclasses.replace(facts, adapter=False).save(plain_model_dir)
