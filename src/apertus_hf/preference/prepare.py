@@ -18,6 +18,14 @@ Rewards follow TRL's reward-function convention, `reward(prompts, completions, *
 keyword arguments are the other columns of the prompt dataset and, for conversations that ended with an assistant
 turn, `answer`: that turn's text, which the prompt leaves out (the toy default reward compares with it).
 
+Two scorers, routed per prompt (Apertus §4.3): with `judge_model`, the prompts whose `route_column` is true (Apertus:
+the contested ones, labelled by `recipes/label_prompts.py`) are rated by an LLM judge against a charter
+(`judge.CharterJudge`, 1 to 9, the top completions re-ranked in pairs) and the others by the reward model or function.
+Each route is scored on its own (the reward model and the judge are never loaded together), so the rewards of the two
+routes are on different scales; QRPO does not mind, since a quantile reward compares a completion only with the
+reference rewards of its own prompt, which one scorer gave. prepare_stats.json has each route's prompts, completions
+and rewards under `routes`, and the judge's digit mass and re-ranking counts (docs/judge.md).
+
 Completions cut at `max_new_tokens` are kept (dropping them would bias the reference rewards) and counted; the
 trainers close them with the end-of-turn token like any other completion, so keep max_new_tokens above the length of
 typical answers.
@@ -37,13 +45,16 @@ from typing import Any, Literal
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset
+from accelerate.utils import gather_object
+from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM
 
 from ..data.tables import load_dataset_splits
 from ..runtime import check_attn_implementation, init_cpu_process_group, resolve_attn_implementation, resolve_source
 from ..tokenization import load_chat_tokenizer, load_tokenizer
+from .charter import COMPARISON_LETTERS, load_charter
 from .errors import QRPOPrepareError
+from .judge import DIGITS, LOW_DIGIT_MASS, CharterJudge, JudgeTally, single_token_ids
 from .sampling import Completion, Prompt, generate_completions, is_chat_prompt
 from .schema import PreferenceLayout
 from .scoring import check_reward_choice, import_reward_function, load_reward, resolve_reward_model, score_completions
@@ -168,6 +179,58 @@ class QRPOPrepareConfig:
         default=32, metadata={"help": "Completions per reward call (per reward-model forward)."}
     )
 
+    # Judge: contested prompts (docs/judge.md)
+    judge_model: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "An LLM judge for the prompts of route_column (Apertus: the contested ones): a chat model folder or Hub "
+                "id that rates each completion from 1 to 9 by `charter`, the probability-weighted mean of the digit "
+                "tokens (apertus_hf.preference.CharterJudge). Apertus used Qwen/Qwen3-32B. null: no judge."
+            )
+        },
+    )
+    charter: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "The charter the judge rates by: a YAML file (title, preamble, principles [{id, title, text}]) or "
+                "Markdown (used as written); data/charters/example_charter.yaml is an example. Needed with judge_model."
+            )
+        },
+    )
+    route_column: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "A boolean column of the prompt dataset: true rows are scored by the judge, false ones by reward_model "
+                "or reward_function (recipes/label_prompts.py writes one, `contested`). null with a judge_model: the "
+                "judge scores every prompt (then set reward_function: null). The two routes' rewards are on different "
+                "scales, which QRPO's per-prompt quantiles do not mind."
+            )
+        },
+    )
+    judge_batch_size: int = field(
+        default=8, metadata={"help": "Judge questions (ratings or comparisons) per forward pass."}
+    )
+    judge_pairwise_top_k: int = field(
+        default=5,
+        metadata={
+            "help": (
+                "Re-rank each judged prompt's k best completions by comparing them in pairs, in both orders (Apertus: "
+                "5): the order among them follows their pairwise win rates. k (k - 1) more judge questions a prompt; "
+                "0 or 1: off."
+            )
+        },
+    )
+    judge_chat_template_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Keyword arguments for the judge's chat template, e.g. {enable_thinking: false} for Qwen3 (else "
+            "it opens a thinking block instead of a digit, which the digit mass in prepare_stats.json shows)."
+        },
+    )
+
     # Selection
     selection: Literal["all", "pairs"] = field(
         default="pairs",
@@ -214,7 +277,37 @@ class QRPOPrepareConfig:
                 f"1/{self.num_samples}, never below rejected_quantile={self.rejected_quantile}, so every prompt would be "
                 f"skipped. Use num_samples > {1 / self.rejected_quantile:g}."
             )
-        check_reward_choice(self.reward_model, self.reward_function, self.reward_kwargs)
+        if self.judge_batch_size < 1 or self.judge_pairwise_top_k < 0:
+            raise QRPOPrepareError(
+                f"judge_batch_size must be >= 1 and judge_pairwise_top_k >= 0 (0 or 1: no re-ranking); got "
+                f"{self.judge_batch_size} and {self.judge_pairwise_top_k}."
+            )
+        if self.judge_model is None:
+            for name in ("charter", "route_column"):
+                if getattr(self, name) is not None:
+                    raise QRPOPrepareError(
+                        f"{name} is for the judge, and judge_model is null. Set judge_model (a chat model) or {name}: "
+                        "null."
+                    )
+        elif self.charter is None:
+            raise QRPOPrepareError(
+                "judge_model needs a charter to rate by: set charter to a YAML or Markdown file, e.g. "
+                "data/charters/example_charter.yaml."
+            )
+        if self.judges_every_prompt:
+            if self.reward_model is not None or self.reward_function is not None or self.reward_kwargs:
+                raise QRPOPrepareError(
+                    "With judge_model and no route_column the judge scores every prompt, so reward_model, "
+                    "reward_function and reward_kwargs are unused: set reward_function: null (and reward_kwargs: {}), "
+                    "or set route_column to a boolean column that sends the other prompts to the reward."
+                )
+        else:
+            check_reward_choice(self.reward_model, self.reward_function, self.reward_kwargs)
+
+    @property
+    def judges_every_prompt(self) -> bool:
+        """Whether the judge scores every prompt (a judge_model without a route_column)."""
+        return self.judge_model is not None and self.route_column is None
 
 
 @dataclass
@@ -252,7 +345,7 @@ def load_prompts(
         rows = rows.select(range(min(max_prompts, len(rows))))
     if len(rows) == 0:
         raise QRPOPrepareError(f"{dataset} (split {split}) has no rows.")
-    checked = [_checked_prompt(value, row, prompt_column) for row, value in enumerate(rows[prompt_column])]
+    checked = [checked_prompt(value, row, prompt_column) for row, value in enumerate(rows[prompt_column])]
     prompts = [prompt for prompt, _ in checked]
     columns = {name: rows[name] for name in rows.column_names if name != prompt_column}
     if any(answer is not None for _, answer in checked):
@@ -265,7 +358,7 @@ def load_prompts(
     return prompts, columns
 
 
-def _checked_prompt(value: Any, row: int, column: str) -> tuple[Prompt, str | None]:
+def checked_prompt(value: Any, row: int, column: str) -> tuple[Prompt, str | None]:
     """(the prompt, the final assistant answer dropped from it or None)."""
     where = f"Row {row} of column {column!r}"
     if isinstance(value, str):
@@ -296,8 +389,11 @@ def _checked_prompt(value: Any, row: int, column: str) -> tuple[Prompt, str | No
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
-    """Raise unless `output_dir` is free, or holds a dataset this pipeline wrote and `overwrite` is on."""
+def check_output_dir(
+    output_dir: str | Path, overwrite: bool, stats_file: str = STATS_FILE_NAME, writer: str = "qrpo_prepare"
+) -> None:
+    """Raise unless `output_dir` is free, or holds a dataset that `writer` wrote (it has `stats_file`) and
+    `overwrite` is on."""
     path = Path(output_dir)
     if not path.exists():
         return
@@ -306,27 +402,35 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
             f"{path} already exists. Choose another output_dir, or set overwrite: true to replace it (the old dataset "
             "is removed only once the new one is completely written)."
         )
-    if not (path / STATS_FILE_NAME).is_file():
+    if not (path / stats_file).is_file():
         raise QRPOPrepareError(
-            f"{path} exists and is not a dataset written by qrpo_prepare (no {STATS_FILE_NAME}); refusing to replace "
-            "it even with overwrite. Choose another output_dir."
+            f"{path} exists and is not a dataset written by {writer} (no {stats_file}); refusing to replace it even "
+            "with overwrite. Choose another output_dir."
         )
 
 
-def save_dataset_atomically(dataset: Dataset, stats: dict[str, Any], output_dir: str | Path, overwrite: bool) -> Path:
-    """`dataset.save_to_disk(output_dir)` plus prepare_stats.json, so that output_dir is never seen half-written.
+def save_dataset_atomically(
+    dataset: Dataset | DatasetDict,
+    stats: dict[str, Any],
+    output_dir: str | Path,
+    overwrite: bool,
+    stats_file: str = STATS_FILE_NAME,
+    writer: str = "qrpo_prepare",
+) -> Path:
+    """`dataset.save_to_disk(output_dir)` plus `stats` as `stats_file`, so that output_dir is never seen half-written.
 
-    Writes to a temporary sibling folder and renames it into place; an existing dataset (with `overwrite`) is moved
-    aside first and deleted last, so an interruption leaves either the old or the new dataset complete.
+    Writes to a temporary sibling folder and renames it into place; an existing dataset (with `overwrite`, and only
+    one `writer` wrote, see `check_output_dir`) is moved aside first and deleted last, so an interruption leaves
+    either the old or the new dataset complete.
     """
     path = Path(output_dir)
-    check_output_dir(path, overwrite)
+    check_output_dir(path, overwrite, stats_file, writer)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
     dataset.save_to_disk(str(staging))
-    (staging / STATS_FILE_NAME).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    (staging / stats_file).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     if path.exists():
         previous = path.with_name(f".{path.name}.old-{os.getpid()}")
         path.rename(previous)
@@ -360,6 +464,7 @@ def prepare_qrpo_dataset(config: QRPOPrepareConfig) -> QRPOPrepareResult:
         )
     with state.main_process_first():  # the first load fills the datasets cache; the others then read it
         prompts, columns = load_prompts(config.dataset, config.dataset_split, config.prompt_column, config.max_prompts)
+    judged = prompt_routes(config, columns, len(prompts))
     clashes = sorted(set(config.reward_kwargs) & set(columns))
     if clashes and config.reward_function is not None:
         raise QRPOPrepareError(
@@ -368,8 +473,15 @@ def prepare_qrpo_dataset(config: QRPOPrepareConfig) -> QRPOPrepareResult:
         )
     if config.reward_function is not None:
         import_reward_function(config.reward_function)  # a wrong path fails now, not after the sampling
-    else:
+    elif config.reward_model is not None:
         resolve_reward_model(config.reward_model)
+    if config.judge_model is not None:
+        # The judge's files, tokens and charter fail now, not after the sampling.
+        judge_tokenizer = load_chat_tokenizer(config.judge_model, "judge_model")
+        charter = load_charter(config.charter)
+        single_token_ids(judge_tokenizer, DIGITS, "the digit", config.judge_model)
+        if config.judge_pairwise_top_k >= 2:
+            single_token_ids(judge_tokenizer, COMPARISON_LETTERS, "the letter", config.judge_model)
 
     policy_source = resolve_source(
         config.model_name_or_path,
@@ -399,22 +511,50 @@ def prepare_qrpo_dataset(config: QRPOPrepareConfig) -> QRPOPrepareResult:
         seed=config.seed,
     )
     del policy  # the reward model may need the memory
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _free_accelerator_memory()
 
-    reward = load_reward(
-        config.reward_model,
-        config.reward_function,
-        config.reward_kwargs,
-        batch_size=config.reward_batch_size,
-        dtype=config.dtype,
-    )
     texts = [[completion.text for completion in completions] for completions in samples]
     as_scored = [
         [stored_completion(text, is_chat_prompt(prompt)) for text in completions]
         for prompt, completions in zip(prompts, texts, strict=True)
     ]
-    rewards = score_completions(reward, prompts, as_scored, columns, batch_size=config.reward_batch_size)
+    rewards: list[list[float]] = [[] for _ in prompts]
+    # One route after the other, so that the reward model and the judge are never in memory together.
+    routed = [index for index, judge in enumerate(judged) if not judge]
+    if routed:
+        reward = load_reward(
+            config.reward_model,
+            config.reward_function,
+            config.reward_kwargs,
+            batch_size=config.reward_batch_size,
+            dtype=config.dtype,
+        )
+        scored = _score_subset(reward, routed, prompts, as_scored, columns, config.reward_batch_size)
+        for index, values in zip(routed, scored, strict=True):
+            rewards[index] = values
+        del reward
+        _free_accelerator_memory()
+    judge_tally = None
+    routed = [index for index, judge in enumerate(judged) if judge]
+    if routed:
+        judge = CharterJudge.from_pretrained(
+            config.judge_model,
+            charter,
+            tokenizer=judge_tokenizer,
+            dtype=config.dtype,
+            attn_implementation=config.attn_implementation,
+            batch_size=config.judge_batch_size,
+            pairwise_top_k=config.judge_pairwise_top_k,
+            completions_per_prompt=config.num_samples,
+            chat_template_kwargs=config.judge_chat_template_kwargs,
+        )
+        scored = _score_subset(judge, routed, prompts, as_scored, columns, config.judge_batch_size)
+        for index, values in zip(routed, scored, strict=True):
+            rewards[index] = values
+        judge_tally = JudgeTally.total(gather_object([judge.tally]))
+        del judge
+        _free_accelerator_memory()
+
     rows, skipped = build_qrpo_rows(prompts, texts, rewards, config.selection, config.seed, config.rejected_quantile)
     if not rows:
         raise QRPOPrepareError(
@@ -422,6 +562,7 @@ def prepare_qrpo_dataset(config: QRPOPrepareConfig) -> QRPOPrepareResult:
             f"{config.rejected_quantile} (rewards tied). Raise num_samples, use a finer reward, or selection: all."
         )
     stats = _stats(config, prompts, samples, rewards, rows, skipped, state.num_processes)
+    stats["routes"] = _route_stats(config, judged, rewards, judge_tally)
     if stats["truncated_completions"]:
         logger.warning(
             "%d of %d completions reached max_new_tokens=%d without a stop token; they are kept as cut. Raise "
@@ -430,6 +571,14 @@ def prepare_qrpo_dataset(config: QRPOPrepareConfig) -> QRPOPrepareResult:
             stats["completions"],
             config.max_new_tokens,
         )
+    mean_digit_mass = stats["routes"]["judge"].get("mean_digit_mass")
+    if mean_digit_mass is not None and mean_digit_mass < LOW_DIGIT_MASS:
+        logger.warning(
+            "The judge put only %.3f of its next-token probability on the digits 1-9 on average: it mostly wants to "
+            "answer something else, so its ratings mean little. Use a capable chat model, and check "
+            "judge_chat_template_kwargs (Qwen3: {enable_thinking: false}).",
+            mean_digit_mass,
+        )
     if state.is_main_process:
         save_dataset_atomically(Dataset.from_list(rows), stats, config.output_dir, config.overwrite)
         logger.info(
@@ -437,6 +586,51 @@ def prepare_qrpo_dataset(config: QRPOPrepareConfig) -> QRPOPrepareResult:
         )
     state.wait_for_everyone()
     return QRPOPrepareResult(Path(config.output_dir), stats, state.is_main_process)
+
+
+def prompt_routes(config: QRPOPrepareConfig, columns: dict[str, list[Any]], num_prompts: int) -> list[bool]:
+    """For each prompt, whether the judge scores it (else the reward model or function): the values of
+    `route_column`, which must be booleans; every prompt without a route column but with a judge; none without one."""
+    if config.judge_model is None or config.route_column is None:
+        return [config.judge_model is not None] * num_prompts
+    if config.route_column not in columns:
+        raise QRPOPrepareError(
+            f"{config.dataset} has no column {config.route_column!r} (route_column); its other columns are "
+            f"{sorted(columns)}. Label the prompts first (recipes/label_prompts.py writes a boolean `contested` "
+            "column), or set route_column to an existing boolean column."
+        )
+    values = columns[config.route_column]
+    for row, value in enumerate(values):
+        if not isinstance(value, bool):
+            raise QRPOPrepareError(
+                f"Row {row} of route_column {config.route_column!r} is {value!r}, not a boolean; the column says which "
+                "prompts the judge scores (true) and which the reward (false). Write true/false values (as "
+                "recipes/label_prompts.py does)."
+            )
+    return list(values)
+
+
+def _score_subset(
+    reward: Any,
+    indices: Sequence[int],
+    prompts: Sequence[Prompt],
+    completions: Sequence[Sequence[Any]],
+    columns: dict[str, Sequence[Any]],
+    batch_size: int,
+) -> list[list[float]]:
+    """`score_completions` on the prompts at `indices` only (each with its columns' values)."""
+    return score_completions(
+        reward,
+        [prompts[index] for index in indices],
+        [completions[index] for index in indices],
+        {name: [column[index] for index in indices] for name, column in columns.items()},
+        batch_size=batch_size,
+    )
+
+
+def _free_accelerator_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _stats(
@@ -466,3 +660,26 @@ def _stats(
         "processes": processes,
         "config": dataclasses.asdict(config),
     }
+
+
+def _route_stats(
+    config: QRPOPrepareConfig, judged: Sequence[bool], rewards: Sequence[Sequence[float]], tally: JudgeTally | None
+) -> dict[str, dict[str, Any]]:
+    """Per route ("reward": the reward model or function, "judge"), its prompts, completions and rewards; for the
+    judge also `JudgeTally.summary()` (digit mass, pairwise re-ranking). A route's rewards are on its own scale."""
+    routes = {}
+    for route, by_judge in (("reward", False), ("judge", True)):
+        values = [value for scores, judge in zip(rewards, judged, strict=True) if judge == by_judge for value in scores]
+        routes[route] = {
+            "prompts": sum(judge == by_judge for judge in judged),
+            "completions": len(values),
+            "reward_mean": sum(values) / len(values) if values else None,
+            "reward_min": min(values, default=None),
+            "reward_max": max(values, default=None),
+        }
+    routes["reward"]["scorer"] = config.reward_model or config.reward_function
+    routes["judge"]["scorer"] = config.judge_model
+    if config.judge_model is not None:
+        routes["judge"]["pairwise_top_k"] = config.judge_pairwise_top_k
+        routes["judge"].update((tally or JudgeTally()).summary())
+    return routes
