@@ -10,7 +10,7 @@ EXTRAS := dev,deepspeed,post-training,eval
 LOCK := requirements/lock.txt
 BIN := $(VENV)/bin
 
-.PHONY: setup lock drift pretrain sft qrpo-data qrpo dpo apertus-tiny test test-fast lint benchmark clean
+.PHONY: setup lock drift pretrain sft qrpo-data qrpo dpo apertus-tiny alignment-tiny chat test test-fast lint benchmark clean
 
 # `pip install -c` moves every locked package to its pin (up or down) in a venv made before a lock change; the check
 # after it fails, naming the package, if anything still differs from the lock.
@@ -113,6 +113,38 @@ apertus-tiny: setup
 		--task eval/tasks/apertus_toy_mc/apertus_toy_mc.jsonl
 	$(BIN)/python recipes/publish.py --model $(TINY)/qrpo --repo-id $(or $(HUB_MODEL_ID),ORG/apertus-tiny) \
 		$(if $(HUB_MODEL_ID),,--dry-run)
+
+# Alignment as Apertus did it, at tiny scale, from the default SFT model (`make sft`, which pretrains first if needed):
+# a reward model trained on data/preferences; a tiny LLM judge (SFT on data/judge, the example charter's rules); the
+# prompts of data/judge/prompts.jsonl labelled contested or not by that judge; QRPO data scored by the judge (contested
+# prompts, 1-9 from its digit probabilities, top 5 re-ranked in pairs) and the reward model (the others); QRPO; the
+# reward before and after QRPO on held-out prompts with standard errors; a chat transcript of the aligned model.
+# Everything goes to outputs/alignment-tiny/; README "Alignment at tiny scale" shows a run's output.
+ALIGNMENT := outputs/alignment-tiny
+CHARTER := data/charters/example_charter.yaml
+alignment-tiny: setup $(SFT_MODEL)
+	$(LAUNCH) recipes/reward.py --output_dir $(ALIGNMENT)/reward
+	$(LAUNCH) recipes/sft.py --config recipes/configs/tiny/sft.yaml --model_name_or_path outputs/pretrain-tiny/model \
+		--dataset data/judge --max_length 512 --num_train_epochs 2 --eval_strategy no --eval_on_start false \
+		--output_dir $(ALIGNMENT)/judge
+	$(LAUNCH) recipes/label_prompts.py --model_name_or_path $(ALIGNMENT)/judge --charter $(CHARTER) \
+		--output_dir $(ALIGNMENT)/prompts
+	$(LAUNCH) recipes/qrpo_prepare.py --config recipes/configs/tiny/qrpo_prepare_judge.yaml --dataset $(ALIGNMENT)/prompts \
+		--reward_model $(ALIGNMENT)/reward --reward_function null --judge_model $(ALIGNMENT)/judge --charter $(CHARTER) \
+		--output_dir $(ALIGNMENT)/qrpo-data
+	$(LAUNCH) recipes/qrpo.py --dataset $(ALIGNMENT)/qrpo-data --output_dir $(ALIGNMENT)/qrpo
+	$(BIN)/python eval/reward.py --model outputs/sft-tiny $(ALIGNMENT)/qrpo --dataset $(ALIGNMENT)/prompts \
+		--split train --reward_model $(ALIGNMENT)/reward --judge_model $(ALIGNMENT)/judge --charter $(CHARTER) \
+		--route_column contested --max_new_tokens 32 --output_dir $(ALIGNMENT)/eval-prompts
+	$(BIN)/python eval/reward.py --model outputs/sft-tiny $(ALIGNMENT)/qrpo --dataset data/chat --split test \
+		--reward_model $(ALIGNMENT)/reward --answer_similarity --max_new_tokens 32 --output_dir $(ALIGNMENT)/eval-chat
+	$(BIN)/python recipes/chat.py $(ALIGNMENT)/qrpo --prompts data/chat_prompts.txt --temperature 0 \
+		--output $(ALIGNMENT)/chat.jsonl
+
+# An interactive chat with a model (default: the QRPO model of `make qrpo`): make chat MODEL=outputs/sft-tiny
+MODEL ?= outputs/qrpo-tiny
+chat: setup
+	$(BIN)/python recipes/chat.py $(MODEL) $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks recipes data eval requirements
