@@ -119,7 +119,7 @@ apertus-tiny: setup
 # prompts of data/judge/prompts.jsonl labelled contested or not by that judge; QRPO data scored by the judge (contested
 # prompts, 1-9 from its digit probabilities, top 5 re-ranked in pairs) and the reward model (the others); QRPO; the
 # reward before and after QRPO on held-out prompts with standard errors; a chat transcript of the aligned model.
-# Everything goes to outputs/alignment-tiny/; README "Alignment at tiny scale" shows a run's output.
+# Everything goes to outputs/alignment-tiny/; README "Alignment at tiny scale" describes the steps.
 ALIGNMENT := outputs/alignment-tiny
 CHARTER := data/charters/example_charter.yaml
 alignment-tiny: setup $(SFT_MODEL)
