@@ -7,9 +7,9 @@ template of `apertus_hf.tokenization`: an optional system block, `Deliberation: 
 sees its conversations exactly as SFT rendered them. Answers are appended to the conversation as assistant messages;
 nothing is cached between turns, which keeps the history the single source of truth for /reset and /system.
 
-Stopping. Generation ends on the model's own generation-config EOS ids, the tokenizer's EOS and, for tokenizers with the
-Apertus special tokens, Apertus' end-of-turn tokens (`apertus_generation_config()`: `</s>`, `<|assistant_end|>`,
-`<|tools_suffix|>`), since a pretrained checkpoint's config knows only `</s>`. An answer is kept without its stop token;
+Stopping. Generation ends on the model's own generation-config EOS ids, the tokenizer's EOS and, for tokenizers that
+have them, Apertus' end-of-turn tokens `<|assistant_end|>` and `<|tools_suffix|>` (`preference.sampling.stop_token_ids`,
+what the QRPO data's sampling stops on), since a pretrained checkpoint's config knows only `</s>`. An answer is kept without its stop token;
 one cut at `max_new_tokens` is marked unfinished. Answers are decoded with special tokens kept, so a deliberating
 model's `<|inner_prefix|>...<|inner_suffix|>` section shows, and re-renders as that section in the next turn.
 
@@ -52,13 +52,12 @@ from transformers import (
 )
 
 from .data.padding import pad_token_rows
-from .preference.sampling import batch_seed
+from .preference.sampling import batch_seed, stop_token_ids
 from .recipe_args import RecipeArgumentError, parse_recipe_args
 from .runtime import SourceNotFoundError, check_attn_implementation, resolve_attn_implementation, resolve_source
 from .tokenization import (
     APERTUS_CHAT_TEMPLATE,
     APERTUS_TOKENIZER_NAME,
-    apertus_generation_config,
     has_apertus_special_tokens,
     load_tokenizer,
 )
@@ -252,18 +251,6 @@ def load_chat_model(config: ChatConfig) -> tuple[PreTrainedModel, PreTrainedToke
 # Generation
 
 
-def chat_stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens that end an answer: the model's generation-config EOS ids, the tokenizer's EOS, and Apertus'
-    end-of-turn tokens when the tokenizer has the Apertus special tokens."""
-    configured = model.generation_config.eos_token_id
-    ids = set(configured if isinstance(configured, list) else [] if configured is None else [configured])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    if has_apertus_special_tokens(tokenizer):
-        ids.update(apertus_generation_config().eos_token_id)
-    return sorted(ids)
-
-
 def chat_generation_config(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ChatConfig
 ) -> GenerationConfig:
@@ -278,7 +265,7 @@ def chat_generation_config(
     generation.top_p = config.top_p if sampled else 1.0
     generation.max_new_tokens = config.max_new_tokens
     generation.max_length = None
-    generation.eos_token_id = chat_stop_token_ids(model, tokenizer)
+    generation.eos_token_id = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ChatInputError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
