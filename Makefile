@@ -116,9 +116,10 @@ apertus-tiny: setup
 
 # Alignment as Apertus did it, at tiny scale, from the default SFT model (`make sft`, which pretrains first if needed):
 # a reward model trained on data/preferences; a tiny LLM judge (SFT on data/judge, the example charter's rules); the
-# prompts of data/judge/prompts.jsonl labelled contested or not by that judge; QRPO data scored by the judge (contested
-# prompts, 1-9 from its digit probabilities, top 5 re-ranked in pairs) and the reward model (the others); QRPO; the
-# reward before and after QRPO on held-out prompts with standard errors; a chat transcript of the aligned model.
+# prompts of data/judge_prompts labelled contested or not by that judge; QRPO data scored by the judge (contested
+# prompts, 1-9 from its digit probabilities, top 5 re-ranked in pairs) and the reward model (the others) on the train
+# split; QRPO; the reward before and after QRPO, with standard errors, on the held-out test split (contested topics that
+# neither the judge nor QRPO saw) and on data/chat test; a chat transcript of the aligned model.
 # Everything goes to outputs/alignment-tiny/; README "Alignment at tiny scale" describes the steps.
 ALIGNMENT := outputs/alignment-tiny
 CHARTER := data/charters/example_charter.yaml
@@ -134,7 +135,7 @@ alignment-tiny: setup $(SFT_MODEL)
 		--output_dir $(ALIGNMENT)/qrpo-data
 	$(LAUNCH) recipes/qrpo.py --dataset $(ALIGNMENT)/qrpo-data --output_dir $(ALIGNMENT)/qrpo
 	$(BIN)/python eval/reward.py --model outputs/sft-tiny $(ALIGNMENT)/qrpo --dataset $(ALIGNMENT)/prompts \
-		--split train --reward_model $(ALIGNMENT)/reward --judge_model $(ALIGNMENT)/judge --charter $(CHARTER) \
+		--split test --reward_model $(ALIGNMENT)/reward --judge_model $(ALIGNMENT)/judge --charter $(CHARTER) \
 		--route_column contested --max_new_tokens 32 --output_dir $(ALIGNMENT)/eval-prompts
 	$(BIN)/python eval/reward.py --model outputs/sft-tiny $(ALIGNMENT)/qrpo --dataset data/chat --split test \
 		--reward_model $(ALIGNMENT)/reward --answer_similarity --max_new_tokens 32 --output_dir $(ALIGNMENT)/eval-chat

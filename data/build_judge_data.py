@@ -22,9 +22,12 @@ Each row's `messages` is the judge's question, rendered by the same functions th
 followed by the answer; `task`, `conversation`, `responses`, `ratings` (of the responses) and `target` keep the parts
 so that a test can render the question again and check the rule (`rule_rating`). Conversations come from data/chat's
 train split for the train rows and from its test split for the test rows, in the five languages that have rude
-sentences here. `prompts.jsonl` holds conversations for a judge-routed `recipes/qrpo_prepare.py` run (data/chat test
-conversations, and contested questions with a balanced answer); as a file whose name is neither train nor test, the SFT
-recipe's folder loading leaves it out.
+sentences here.
+
+It also writes data/judge_prompts/{train,test}.jsonl, the prompts of a judge-routed `recipes/qrpo_prepare.py` run and of
+its held-out evaluation (`make alignment-tiny`): every contested question of the split's topics with a balanced answer,
+and as many data/chat conversations of the same split. QRPO trains on train; the test split's contested questions are
+on topics neither the judge nor QRPO ever saw, and its conversations come from data/chat test.
 
 All text written here (the topics, templates, answers and rude sentences) is released under CC0 1.0, as data/chat is.
 """
@@ -49,7 +52,6 @@ ROWS = {
     "train": {"rating": 1200, "comparison": 600, "contested": 300},
     "test": {"rating": 150, "comparison": 75, "contested": 60},
 }
-PROMPT_ROWS = 12  # of each kind in prompts.jsonl
 TEST_TOPICS = 2  # the last topics of each language are asked in the test split only
 
 # Contested questions: a claim people disagree about for reasons of their values, framed by a template.
@@ -136,10 +138,14 @@ RUDE_SENTENCES = {
 
 
 def read_chat(folder: Path, split: str) -> list[dict]:
-    """The chat rows of `split` in the languages of RUDE_SENTENCES, cut to their last question and answer (shorter
-    questions for the tiny judge)."""
+    """The chat rows of `split` in the languages of RUDE_SENTENCES."""
     rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
-    return [{**row, "messages": row["messages"][-2:]} for row in rows if row["language"] in RUDE_SENTENCES]
+    return [row for row in rows if row["language"] in RUDE_SENTENCES]
+
+
+def last_turns(chat: list[dict]) -> list[dict]:
+    """The rows cut to their last question and answer: shorter questions for the tiny judge."""
+    return [{**row, "messages": row["messages"][-2:]} for row in chat]
 
 
 def rule_rating(response: str) -> int:
@@ -204,16 +210,18 @@ def judge_row(task, messages, conversation, responses, ratings, target) -> dict:
     }
 
 
-def prompt_rows(chat: list[dict], rng: random.Random) -> list[dict]:
-    """Conversations for a judge-routed qrpo_prepare run, each ending with an answer (the toy reward compares with
-    it): data/chat test conversations (`kind` task) and contested test questions with a balanced answer."""
-    rows = [{"messages": row["messages"], "kind": "task"} for row in rng.sample(chat, PROMPT_ROWS)]
-    questions = contested_questions("test")
-    for question in rng.sample(questions, PROMPT_ROWS):
+def routed_prompt_rows(split: str, chat: list[dict], rng: random.Random) -> list[dict]:
+    """Conversations for a judge-routed qrpo_prepare run, each ending with an answer (a reward that compares with the
+    answer reads it): every contested question of the split's topics with a balanced answer (`kind` contested), and as
+    many whole conversations of data/chat's split (`kind` task; cut to their last turn, some train and test rows would
+    be the same question)."""
+    rows = []
+    for question in contested_questions(split):
         text = question[0]["content"]
         language = next(code for code, claims in CONTESTED_CLAIMS.items() if any(claim in text for claim in claims))
         answer = {"role": "assistant", "content": BALANCED_ANSWERS[language]}
         rows.append({"messages": [*question, answer], "kind": "contested"})
+    rows += [{"messages": row["messages"], "kind": "task"} for row in rng.sample(chat, len(rows))]
     rng.shuffle(rows)
     return rows
 
@@ -225,7 +233,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = Path(__file__).resolve().parent
-    parser.add_argument("--output", type=Path, default=data / "judge", help="Folder for train/test/prompts.jsonl.")
+    parser.add_argument("--output", type=Path, default=data / "judge", help="Folder for the judge's train/test.jsonl.")
+    parser.add_argument(
+        "--prompts_output",
+        type=Path,
+        default=data / "judge_prompts",
+        help="Folder for the train/test.jsonl prompts of the judge-routed QRPO run.",
+    )
     parser.add_argument("--chat", type=Path, default=data / "chat", help="The chat dataset (data/build_chat.py).")
     parser.add_argument(
         "--charter", type=Path, default=data / "charters" / "example_charter.yaml", help="The charter the judge reads."
@@ -233,11 +247,13 @@ def main() -> None:
     args = parser.parse_args()
     charter = load_charter(args.charter)
     args.output.mkdir(parents=True, exist_ok=True)
+    args.prompts_output.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
-        rng = random.Random(f"{SEED}-{split}")
-        write_jsonl(args.output / f"{split}.jsonl", judge_rows(split, read_chat(args.chat, split), charter, rng))
-    test_chat = read_chat(args.chat, "test")
-    write_jsonl(args.output / "prompts.jsonl", prompt_rows(test_chat, random.Random(f"{SEED}-prompts")))
+        chat = read_chat(args.chat, split)
+        judge = judge_rows(split, last_turns(chat), charter, random.Random(f"{SEED}-{split}"))
+        write_jsonl(args.output / f"{split}.jsonl", judge)
+        prompts = routed_prompt_rows(split, chat, random.Random(f"{SEED}-prompts-{split}"))
+        write_jsonl(args.prompts_output / f"{split}.jsonl", prompts)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ A chat model is asked, for every prompt, whether it is contested (a question on 
 their values); the probability of "Yes" against "No" as its next token decides, above `threshold`. The dataset is
 saved with a boolean `contested` column and the probability (`save_to_disk`, with label_stats.json), never over an
 existing folder; `recipes/qrpo_prepare.py --dataset OUTPUT --route_column contested --judge_model ... --charter ...`
-then sends the contested prompts to the judge. With no arguments it labels data/judge/prompts.jsonl with the tiny
-judge of docs/judge.md. Every option is a field of `apertus_hf.preference.LabelPromptsConfig`; `--help` lists them.
+then sends the contested prompts to the judge. With no arguments it labels data/judge_prompts (train and test) with the
+tiny judge of docs/judge.md. Every option is a field of `apertus_hf.preference.LabelPromptsConfig`; `--help` lists them.
 """
 
 from apertus_hf.preference import LabelPromptsConfig, label_prompts

@@ -438,13 +438,40 @@ def test_judge_data_asks_exactly_what_the_judge_asks_and_follows_its_rule(charte
 
 
 def test_build_judge_data_regenerates_the_shipped_files(tmp_path, monkeypatch, judge_data_builder):
-    monkeypatch.setattr("sys.argv", ["build_judge_data.py", "--output", str(tmp_path)])
+    arguments = ["--output", str(tmp_path / "judge"), "--prompts_output", str(tmp_path / "judge_prompts")]
+    monkeypatch.setattr("sys.argv", ["build_judge_data.py", *arguments])
     judge_data_builder.main()
-    for name in ("train.jsonl", "test.jsonl", "prompts.jsonl"):
-        assert (tmp_path / name).read_bytes() == (REPO_ROOT / "data" / "judge" / name).read_bytes(), name
+    for folder in ("judge", "judge_prompts"):
+        for name in ("train.jsonl", "test.jsonl"):
+            shipped = REPO_ROOT / "data" / folder / name
+            assert (tmp_path / folder / name).read_bytes() == shipped.read_bytes(), shipped
     train_questions = {json.dumps(row["conversation"]) for row in read_judge_split("train") if row["target"] == "Yes"}
     test_questions = {json.dumps(row["conversation"]) for row in read_judge_split("test") if row["target"] == "Yes"}
     assert not train_questions & test_questions  # contested test questions are on topics train never asks about
+
+
+def test_routed_prompts_hold_out_their_test_split(judge_data_builder):
+    """QRPO trains on data/judge_prompts train and make alignment-tiny evaluates on test: no prompt of one is in the
+    other, the contested prompts are every question of the split's topics (the test ones never in the judge's
+    training data), and the task prompts are data/chat's split."""
+
+    def read(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def questions(rows):
+        return {json.dumps(row["messages"][:-1]) for row in rows}
+
+    prompts = {split: read(REPO_ROOT / "data" / "judge_prompts" / f"{split}.jsonl") for split in ("train", "test")}
+    assert not questions(prompts["train"]) & questions(prompts["test"])
+    for split, rows in prompts.items():
+        kinds = [row["kind"] for row in rows]
+        assert kinds.count("contested") == kinds.count("task") > 0
+        contested = questions(row for row in rows if row["kind"] == "contested")
+        assert contested == {json.dumps(question) for question in judge_data_builder.contested_questions(split)}
+        if split == "test":
+            assert not contested & {json.dumps(row["conversation"]) for row in read_judge_split("train")}
+        chat = {json.dumps(row["messages"]) for row in read(REPO_ROOT / "data" / "chat" / f"{split}.jsonl")}
+        assert {json.dumps(row["messages"]) for row in rows if row["kind"] == "task"} <= chat
 
 
 def test_judge_routed_tiny_recipe_writes_out_every_option():

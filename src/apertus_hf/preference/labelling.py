@@ -74,12 +74,12 @@ def contested_probabilities(
 @dataclass
 class LabelPromptsConfig:
     dataset: str = field(
-        default="data/judge/prompts.jsonl",
+        default="data/judge_prompts",
         metadata={
             "help": (
                 "Prompts to label: a .jsonl/.json/.parquet/.csv file, a folder of them, a `save_to_disk` folder or a "
-                "Hub dataset id. The default is the small mix of task and contested prompts that "
-                "data/build_judge_data.py writes."
+                "Hub dataset id. The default is the mix of task and contested prompts that data/build_judge_data.py "
+                "writes (train and test splits; contested test questions are on topics train never asks about)."
             )
         },
     )
