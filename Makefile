@@ -5,12 +5,12 @@ VENV ?= .venv
 # `make setup TORCH_SPEC="torch"` for their CUDA build. The lock never pins torch (nor what only torch needs).
 TORCH_VERSION := 2.13.0
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
-EXTRAS := dev,deepspeed,post-training,eval
+EXTRAS := dev,deepspeed,post-training,eval,plots
 # One tested set of every other dependency, compiled by `make lock` from pyproject.toml's ranges.
 LOCK := requirements/lock.txt
 BIN := $(VENV)/bin
 
-.PHONY: setup lock drift pretrain sft qrpo-data qrpo dpo apertus-tiny alignment-tiny chat test test-fast lint benchmark clean
+.PHONY: setup lock drift pretrain sft qrpo-data qrpo dpo apertus-tiny alignment-tiny ablation-tiny chat test test-fast lint benchmark clean
 
 # `pip install -c` moves every locked package to its pin (up or down) in a venv made before a lock change; the check
 # after it fails, naming the package, if anything still differs from the lock.
@@ -29,7 +29,7 @@ setup: $(BIN)/.installed
 TOOLS := .tools
 UV_SPEC ?= uv==0.13.9
 LOCK_PYTHON := 3.11
-LOCK_EXTRAS := dev deepspeed post-training eval tracking
+LOCK_EXTRAS := dev deepspeed post-training eval tracking plots
 LOCK_UPGRADE ?= --upgrade
 $(TOOLS)/bin/uv:
 	$(PYTHON) -m venv $(TOOLS)
@@ -141,6 +141,12 @@ alignment-tiny: setup $(SFT_MODEL)
 		--reward_model $(ALIGNMENT)/reward --answer_similarity --max_new_tokens 32 --output_dir $(ALIGNMENT)/eval-chat
 	$(BIN)/python recipes/chat.py $(ALIGNMENT)/qrpo --prompts data/chat_prompts.txt --temperature 0 \
 		--output $(ALIGNMENT)/chat.jsonl
+
+# The Apertus report's architecture and optimizer ablations at tiny scale (docs/ablations.md): a Llama-style baseline,
+# +xIELU, +AdEMAMix, +WSD, +Goldfish and the whole recipe, 3 seeds each, the same tokens in the same order; each run in
+# its own `accelerate launch`, resumable, finished runs skipped. Table and plot in outputs/ablations/apertus-tiny/.
+ablation-tiny: setup
+	$(BIN)/python recipes/ablate.py --config recipes/configs/ablations/apertus_tiny.yaml --launcher "$(LAUNCH)"
 
 # An interactive chat with a model (default: the QRPO model of `make qrpo`): make chat MODEL=outputs/sft-tiny
 MODEL ?= outputs/qrpo-tiny

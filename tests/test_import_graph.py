@@ -30,7 +30,8 @@ LAYERS = {
     "chat": 4,
     "pretraining": 5,
     "trainers": 5,
-    "hub": 6,
+    "ablation": 6,
+    "hub": 7,
 }
 SEPARATE_JOBS = {("pretraining", "trainers"), ("trainers", "pretraining")}
 

@@ -7,6 +7,7 @@ model, optimizer and schedule, the resume from the newest usable checkpoint, tra
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..configuration_apertus import ApertusConfig
+from ..configuration_apertus import PRESETS, ApertusConfig
 from ..data import DataSource, PackedBatchCollator, load_documents, tokenize_and_pack
 from ..data.pretokenized import all_pretokenized, blend_pretokenized, last_documents_rows
 from ..optim import AdEMAMix, WSDSchedule, build_parameter_groups
@@ -210,10 +211,15 @@ def _build_datasets(
 
 
 def pretraining_model_config(
-    preset: str, overrides: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seq_len: int
-) -> ApertusConfig:
-    """The ApertusConfig of a fresh model: `preset` plus `overrides`, with the vocabulary and special ids of
-    `tokenizer`, and room for rows of `seq_len` positions (a raised max_position_embeddings is logged)."""
+    preset: str,
+    overrides: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    model_type: str = "apertus",
+) -> PreTrainedConfig:
+    """The config of a fresh model: `preset` plus `overrides`, with the vocabulary and special ids of `tokenizer`, and
+    room for rows of `seq_len` positions (a raised max_position_embeddings is logged). An ApertusConfig, or for another
+    `model_type` (an ablation baseline such as llama) that type's config with the preset's shapes."""
     asked = overrides.get("max_position_embeddings", ApertusConfig.from_preset(preset).max_position_embeddings)
     if seq_len > asked:
         logger.info(
@@ -222,16 +228,19 @@ def pretraining_model_config(
             seq_len,
             extra=CONSOLE,
         )
-    return ApertusConfig.from_preset(
-        preset,
-        **{
-            **overrides,
-            "vocab_size": len(tokenizer),
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "max_position_embeddings": max(asked, seq_len),
-        },
+    values = {
+        **overrides,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_position_embeddings": max(asked, seq_len),
+    }
+    if model_type == "apertus":
+        return ApertusConfig.from_preset(preset, **values)
+    # Apertus' embeddings are untied; the baseline keeps that unless the overrides say otherwise.
+    return AutoConfig.for_model(
+        model_type, **{"tie_word_embeddings": False, **copy.deepcopy(PRESETS[preset]), **values}
     )
 
 
@@ -297,7 +306,9 @@ def _build_model(
             config.init_from, config=init_config, dtype=torch.float32, attn_implementation=attn_implementation
         )
     else:
-        model_config = pretraining_model_config(config.model_preset, config.model_overrides, tokenizer, config.seq_len)
+        model_config = pretraining_model_config(
+            config.model_preset, config.model_overrides, tokenizer, config.seq_len, config.model_type
+        )
         model_config._attn_implementation = attn_implementation
         # from_config (not the class itself) so that DeepSpeed ZeRO-3 can build the model already sharded.
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
@@ -313,7 +324,10 @@ def _build_model(
     )
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    apply_speed_options(model, config.xielu_implementation, config.compile_layers)
+    # A stock baseline (model_type other than apertus) has none of our speed options; with apertus, a loaded model of
+    # another architecture is refused there by name.
+    if config.model_type == "apertus":
+        apply_speed_options(model, config.xielu_implementation, config.compile_layers)
     return model
 
 

@@ -8,12 +8,14 @@ them up to Apertus-8B/70B with the values of the Apertus tech report.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from transformers import CONFIG_MAPPING
 
 from ..configuration_apertus import PRESETS
 from ..runtime import check_attn_implementation
@@ -76,6 +78,17 @@ class PretrainConfig:
     # Model
     model_preset: str = field(
         default="small", metadata={"help": f"ApertusConfig preset the model starts from: one of {sorted(PRESETS)}."}
+    )
+    model_type: str = field(
+        default="apertus",
+        metadata={
+            "help": (
+                "Architecture of a fresh model: apertus (apertus_hf's model), or the model_type of a transformers causal "
+                "LM such as llama (the Llama-style baseline of the Apertus report's ablations), built with the preset's "
+                "shapes plus model_overrides. A stock model trains without the chunked loss (set chunked_loss false), "
+                "the xIELU implementation option and layer compilation. With init_from the loaded folder decides."
+            )
+        },
     )
     model_overrides: dict[str, Any] = field(
         default_factory=dict,
@@ -439,6 +452,7 @@ class PretrainConfig:
             raise ValueError(
                 "record_row_ids needs indexed rows, and a stream has none: set streaming false or record_row_ids false."
             )
+        self._check_model_type()
         if self.model_preset not in PRESETS:
             raise ValueError(f"model_preset={self.model_preset!r} is not a preset; choose one of {sorted(PRESETS)}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -478,6 +492,36 @@ class PretrainConfig:
         self.run_plan(processes=1)
         if self.loss_averaging not in ("per_token", "per_micro_batch"):
             raise ValueError(f"loss_averaging={self.loss_averaging!r} must be per_token or per_micro_batch.")
+
+    def _check_model_type(self) -> None:
+        if self.model_type == "apertus":
+            return
+        if self.model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(self.model_type, list(CONFIG_MAPPING), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(
+                f"model_type={self.model_type!r} is no transformers model type; {hint}Use apertus or e.g. llama, "
+                "mistral, qwen2."
+            )
+        refused = {
+            "chunked_loss": (self.chunked_loss, "set chunked_loss: false (the chunked loss is apertus_hf's model's)"),
+            "compile_layers": (self.compile_layers, "set compile_layers: false"),
+            "init_from": (
+                self.init_from is not None,
+                "leave init_from out: the loaded folder decides the architecture",
+            ),
+        }
+        for option, (is_set, fix) in refused.items():
+            if is_set:
+                raise ValueError(f"{option} does not work with model_type={self.model_type!r}: {fix}.")
+        if self.document_masking != self.reset_position_ids:
+            # Stock transformers models find the packed documents from position ids that restart at each document
+            # (masking_utils.find_packed_sequence_indices): they mask documents exactly when the positions restart.
+            raise ValueError(
+                f"model_type={self.model_type!r} masks the packed documents exactly when their position ids restart, so "
+                f"document_masking={self.document_masking} needs reset_position_ids={self.document_masking}; set both "
+                "true or both false."
+            )
 
     def _check_step_schedule(self) -> None:
         for name in ("warmup_samples", "decay_samples"):

@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-
-from ..configuration_apertus import ApertusConfig
+from transformers import PreTrainedConfig
 
 # Dense bf16 tensor-core peak of one device, FLOP/s, from the vendors' data sheets (without sparsity). Matched
 # against the CUDA device name in this order, so the PCIe and NVL variants come before the SXM "H100".
@@ -69,7 +68,7 @@ def measure_matmul_flops(
     return 2 * size**3 * count / run(count)
 
 
-def training_flops_per_token(config: ApertusConfig, seq_len: int) -> float:
+def training_flops_per_token(config: PreTrainedConfig, seq_len: int) -> float:
     """Model FLOPs of one forward and backward pass per token, as in PaLM (Chowdhery et al. 2022, appendix B).
 
     Matmuls: 2 FLOPs per parameter per token forward, 4 backward (gradients of the input and of the weight), so
@@ -82,9 +81,11 @@ def training_flops_per_token(config: ApertusConfig, seq_len: int) -> float:
     document masking, nor the targets the chunked loss skips, and we do not add activation-checkpointing
     recomputation, so MFU compares across implementations and setups. MFU = tokens/s x this / peak FLOP/s.
     """
-    head_dim = config.resolved_head_dim
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention = config.hidden_size * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    mlp = 2 * config.hidden_size * config.intermediate_size
+    # Apertus' MLP is up/down; the Llama-family baselines of the ablations gate theirs (gate/up/down).
+    mlp_matrices = 2 if config.model_type == "apertus" else 3
+    mlp = mlp_matrices * config.hidden_size * config.intermediate_size
     matmul_parameters = config.num_hidden_layers * (attention + mlp) + config.hidden_size * config.vocab_size
     attention_scores = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
     return 6 * matmul_parameters + attention_scores

@@ -119,6 +119,13 @@ def set_accumulation(run: Run, accumulation: int) -> int:
     return accumulation
 
 
+def loss_options(chunked_loss: bool) -> dict[str, bool]:
+    """`skip_logits` only for the chunked loss: a stock transformers model (model_type other than apertus) never gets
+    it. The batch's `seq_idx` may reach a stock model: its attention functions take unknown keyword arguments and
+    leave them unused (its documents come from the restarting position ids)."""
+    return {"skip_logits": True} if chunked_loss else {}
+
+
 def train_step(run: Run, batches: list[dict[str, torch.Tensor]]) -> StepOutput:
     """One optimizer step over `batches`, the micro-batches it accumulates; nothing is read back from the device.
 
@@ -147,7 +154,7 @@ def train_step(run: Run, batches: list[dict[str, torch.Tensor]]) -> StepOutput:
         with accelerator.no_sync(model) if not is_last else contextlib.nullcontext():
             # Keep only the loss: holding the model output would keep the logits alive through backward.
             loss = model(
-                **batch, use_cache=False, num_items_in_batch=num_items_in_batch, skip_logits=run.config.chunked_loss
+                **batch, **loss_options(run.config.chunked_loss), use_cache=False, num_items_in_batch=num_items_in_batch
             ).loss
             # DeepSpeed's engine steps its optimizer after every backward that accelerate marks as syncing gradients
             # (accelerate's `accumulate` would mark it from a step counter): only the step's last micro-batch is.
@@ -179,7 +186,7 @@ def evaluate(model, loader, accelerator: Accelerator, max_batches: int | None, c
             break
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         # num_items_in_batch=1 makes the model's loss the sum over targets instead of the mean.
-        outputs = model(**batch, use_cache=False, num_items_in_batch=1, skip_logits=chunked_loss)
+        outputs = model(**batch, **loss_options(chunked_loss), use_cache=False, num_items_in_batch=1)
         loss_sum += outputs.loss.double()
         targets += count_targets(batch["labels"])
     model.train()
