@@ -4,17 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState
+
+# Autouse: each in-process run builds its own Accelerator, as a fresh process would.
+from tests.pretraining.conftest import fresh_accelerator_state  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each in-process run builds its own Accelerator, as a fresh process would."""
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from apertus_hf.ablation import resolve_runs, write_report
-from apertus_hf.ablation.report import Estimate, count_parameters
+from apertus_hf.ablation.report import Estimate, count_parameters, tokens_to_reach
 from apertus_hf.ablation.study import AblationStudy
 from apertus_hf.recipe_args import recipe_config_from_dict
 
@@ -61,6 +61,11 @@ def test_the_report_gives_means_standard_errors_and_differences_paired_by_seed(t
     assert apertus["eval_loss_difference"]["stderr"] == pytest.approx(0.05)
     assert apertus["eval_loss_difference"]["count"] == 2
     assert apertus["bits_per_byte_difference"]["mean"] == pytest.approx(-0.075)
+    # Held-out loss 3.2 then 2.9 (at 768 and 1536 tokens) reaches seed 1's baseline 3.0 at 1280 tokens, 5/6 of the
+    # budget; 3.3 then 3.0 reaches seed 2's 3.2 at 1024, 2/3.
+    assert apertus["tokens_to_baseline_loss"]["mean"] == pytest.approx(0.75)
+    assert apertus["tokens_to_baseline_loss"]["stderr"] == pytest.approx(1 / 12)
+    assert apertus["seeds_reaching_baseline_loss"] == 2
     assert apertus["tokens_per_second"]["mean"] == pytest.approx(850.0)
     assert apertus["parameters"] == 52
     assert results["same_rows_across_variants"] is False
@@ -68,6 +73,7 @@ def test_the_report_gives_means_standard_errors_and_differences_paired_by_seed(t
 
     assert "| **llama** (baseline) | Llama-style | 3 | 3.2000 ± 0.1155 | — | 1.6000 ± 0.0577 |" in table
     assert "| apertus | the Apertus recipe | 2 | 2.9500 ± 0.0500 | -0.1500 ± 0.0500 |" in table
+    assert "| -0.0750 ± 0.0250 | 75% ± 8% | 850 | 0.00M |" in table
     assert "**The variants did not all read the same rows**: seed 2: apertus" in table
     assert "Not finished yet, so not in the table: apertus/seed-3." in table
     assert (root / "loss_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -88,3 +94,13 @@ def test_estimates_and_parameter_counts(tmp_path):
     save_file({"c": torch.zeros(7)}, tmp_path / "model-00002-of-00002.safetensors")
     assert count_parameters(tmp_path) == 18
     assert count_parameters(tmp_path / "missing") is None
+
+
+def test_tokens_to_reach_a_loss_interpolate_between_evaluations():
+    curve = [(100, 5.0), (200, 4.0), (300, 3.0)]
+    assert tokens_to_reach(curve, 3.5) == pytest.approx(250.0)
+    assert tokens_to_reach(curve, 3.0) == pytest.approx(300.0)
+    assert tokens_to_reach(curve, 6.0) == 100.0
+    assert tokens_to_reach(curve, 2.9) is None
+    # The first crossing counts, not a later one after the loss went up again.
+    assert tokens_to_reach([(100, 5.0), (200, 3.0), (300, 4.5), (400, 3.5)], 4.0) == pytest.approx(150.0)

@@ -15,6 +15,7 @@ from apertus_hf.ablation.report import write_report
 from apertus_hf.ablation.study import SAME_FOR_EVERY_RUN, load_study, prepare_study_folder
 from apertus_hf.pretraining import PretrainConfig, pretrain, read_metrics
 from apertus_hf.recipe_args import recipe_config_from_dict
+from tests.pretraining.test_distributed import ACCELERATE, CONFIGS, CPU_OVERRIDES
 
 from .conftest import REPO_ROOT, two_variant_study
 
@@ -73,7 +74,7 @@ def test_the_shipped_studies_resolve_to_valid_runs():
     runs = resolve_runs(tiny)
     assert len(runs) == len(tiny.variants) * len(tiny.seeds) and len(tiny.seeds) >= 2
     names = {variant.name for variant in tiny.variants}
-    assert {"llama", "+xielu", "+ademamix", "+wsd", "+goldfish", "apertus"} <= names
+    assert {"llama", "+qk-norm", "+xielu", "+ademamix", "+wsd", "+goldfish", "apertus"} <= names
     apertus = runs[f"apertus/seed-{tiny.seeds[0]}"]
     assert (apertus.model_type, apertus.optimizer, apertus.goldfish, apertus.decay_shape) == (
         "apertus",
@@ -195,17 +196,7 @@ def test_the_recipe_launches_each_run_on_two_processes_as_one_process_trains_it(
     study_file = tmp_path / "study.yaml"
     study_file.write_text(yaml.safe_dump(values))
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO_ROOT / "accelerate_configs" / "ddp.yaml"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-    ]
+    launcher = [*ACCELERATE, "--config_file", str(CONFIGS / "ddp.yaml"), *CPU_OVERRIDES]
     # One thread per process, as the distributed pretraining tests: the losses are compared across processes.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     launched = subprocess.run(

@@ -2,7 +2,8 @@
 
 Per variant: the final held-out loss and bits per byte at the study's token budget as mean ± standard error over
 seeds, the difference to the baseline paired by seed (runs of one seed read the same rows, so the pairing removes the
-data-order part of the noise), throughput and parameters. The report also checks, from the rows each step recorded
+data-order part of the noise), the share of the budget a variant needs to reach the baseline's final held-out loss (the
+report's "same loss with fewer tokens"), throughput and parameters. The report also checks, from the rows each step recorded
 (`data/row_ids` in metrics.jsonl), that the variants of a seed did read the same rows in the same order.
 """
 
@@ -35,6 +36,8 @@ class RunResult:
     tokens_per_second: float | None
     parameters: int | None
     row_ids: list[list[int]] = field(repr=False)
+    eval_curve: list[tuple[int, float]] = field(default_factory=list, repr=False)
+    """(training tokens, held-out loss) at each evaluation."""
 
 
 @dataclass
@@ -66,6 +69,10 @@ class VariantSummary:
     eval_loss_difference: Estimate | None
     bits_per_byte: Estimate | None
     bits_per_byte_difference: Estimate | None
+    tokens_to_baseline_loss: Estimate | None
+    """Tokens at which the held-out loss first reaches the baseline's final one (same seed), as a fraction of the
+    baseline's tokens; over the seeds that reach it."""
+    seeds_reaching_baseline_loss: int
     tokens_per_second: Estimate | None
     parameters: int | None
 
@@ -91,7 +98,36 @@ def read_run_result(variant: str, config: PretrainConfig) -> RunResult:
         tokens_per_second=statistics.fmean(speeds) if speeds else None,
         parameters=count_parameters(run_dir / "model"),
         row_ids=[record["data/row_ids"] for record in records if "data/row_ids" in record],
+        eval_curve=[(record["train/tokens"], record["eval/loss"]) for record in evaluated],
     )
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """The tokens at which a held-out loss curve first reaches `target`, interpolated linearly between evaluations
+    (from the first one); None when it never does."""
+    previous = None
+    for tokens, loss in curve:
+        if loss <= target:
+            if previous is None:
+                return float(tokens)
+            previous_tokens, previous_loss = previous
+            return previous_tokens + (tokens - previous_tokens) * (previous_loss - target) / (previous_loss - loss)
+        previous = (tokens, loss)
+    return None
+
+
+def tokens_to_baseline_loss(results: list[RunResult], variant: str, baseline: str) -> list[float | None]:
+    """Per seed both finished: the tokens the variant needs to reach the baseline's final held-out loss, as a fraction
+    of the baseline's tokens (None where it never does)."""
+    by_seed = {(result.variant, result.seed): result for result in results}
+    fractions = []
+    for (name, seed), result in by_seed.items():
+        reference = by_seed.get((baseline, seed))
+        if name != variant or reference is None:
+            continue
+        reached = tokens_to_reach(result.eval_curve, reference.eval_loss)
+        fractions.append(None if reached is None else reached / reference.tokens)
+    return fractions
 
 
 def count_parameters(model_dir: Path) -> int | None:
@@ -142,6 +178,8 @@ def summarize(study: AblationStudy, results: list[RunResult]) -> list[VariantSum
         compare = variant.name != study.baseline
         bits = [result.bits_per_byte for result in own if result.bits_per_byte is not None]
         speeds = [result.tokens_per_second for result in own if result.tokens_per_second is not None]
+        fractions = tokens_to_baseline_loss(results, variant.name, study.baseline) if compare else []
+        reached = [fraction for fraction in fractions if fraction is not None]
         summaries.append(
             VariantSummary(
                 variant=variant.name,
@@ -155,6 +193,8 @@ def summarize(study: AblationStudy, results: list[RunResult]) -> list[VariantSum
                 bits_per_byte_difference=(
                     paired_difference(results, variant.name, study.baseline, "bits_per_byte") if compare else None
                 ),
+                tokens_to_baseline_loss=Estimate.of(reached),
+                seeds_reaching_baseline_loss=len(reached),
                 tokens_per_second=Estimate.of(speeds),
                 parameters=own[0].parameters,
             )
@@ -177,10 +217,22 @@ def _cell(estimate: Estimate | None, digits: int = 4, signed: bool = False) -> s
     return "—" if estimate is None else estimate.text(digits, signed)
 
 
+def _share_of_budget(summary: VariantSummary) -> str:
+    """The tokens-to-baseline-loss cell: a percentage of the baseline's tokens, with the seeds that never got there."""
+    if summary.tokens_to_baseline_loss is None:
+        return "not reached" if summary.eval_loss_difference is not None else "—"
+    estimate = summary.tokens_to_baseline_loss
+    text = f"{estimate.mean:.0%}" if estimate.stderr is None else f"{estimate.mean:.0%} ± {estimate.stderr:.0%}"
+    paired = summary.eval_loss_difference.count if summary.eval_loss_difference else len(summary.seeds)
+    if summary.seeds_reaching_baseline_loss < paired:
+        text += f" ({summary.seeds_reaching_baseline_loss} of {paired} seeds)"
+    return text
+
+
 def markdown_table(study: AblationStudy, summaries: list[VariantSummary]) -> str:
     header = (
         "| variant | what changes | seeds | eval loss | Δ loss vs baseline | bits per byte | Δ bits per byte | "
-        "tokens/s | parameters |\n|---|---|---|---|---|---|---|---|---|\n"
+        "tokens to baseline loss | tokens/s | parameters |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for summary in summaries:
@@ -190,7 +242,8 @@ def markdown_table(study: AblationStudy, summaries: list[VariantSummary]) -> str
         rows.append(
             f"| {name} | {summary.description} | {len(summary.seeds)} | {_cell(summary.eval_loss)} | "
             f"{_cell(summary.eval_loss_difference, signed=True)} | {_cell(summary.bits_per_byte)} | "
-            f"{_cell(summary.bits_per_byte_difference, signed=True)} | {speed} | {parameters} |"
+            f"{_cell(summary.bits_per_byte_difference, signed=True)} | {_share_of_budget(summary)} | {speed} | "
+            f"{parameters} |"
         )
     return header + "\n".join(rows) + "\n"
 
@@ -213,7 +266,9 @@ def write_report(study: AblationStudy) -> Path:
     lines += [
         f"Base recipe `{study.base}`, {study.tokens:,} training tokens per run, seeds {study.seeds}; eval loss is the "
         "held-out loss at the last step (nats per token), bits per byte that of the final model on the held-out text; "
-        "mean ± standard error over seeds, Δ paired by seed against the baseline (negative: better).",
+        "mean ± standard error over seeds, Δ paired by seed against the baseline (negative: better); tokens to baseline "
+        "loss: where the held-out loss first reaches the baseline's final one (same seed, interpolated between "
+        "evaluations), as a share of the baseline's tokens.",
         "",
         markdown_table(study, summaries),
     ]

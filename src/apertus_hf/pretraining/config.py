@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from transformers import CONFIG_MAPPING
+from huggingface_hub.errors import StrictDataclassError
+from transformers import CONFIG_MAPPING, AutoConfig
 
-from ..configuration_apertus import PRESETS
+from ..configuration_apertus import PRESETS, ApertusConfig
 from ..runtime import check_attn_implementation
 from ..training_facts import portable_path
 from .plan import RunPlan, batch_segments_in_samples, batch_segments_in_steps, resolve_stages, steps_for_samples
@@ -455,6 +456,7 @@ class PretrainConfig:
         self._check_model_type()
         if self.model_preset not in PRESETS:
             raise ValueError(f"model_preset={self.model_preset!r} is not a preset; choose one of {sorted(PRESETS)}.")
+        self._check_model_overrides()
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate={self.learning_rate} must be a positive number.")
         if not self.data and not self.stages:
@@ -522,6 +524,23 @@ class PretrainConfig:
                 f"document_masking={self.document_masking} needs reset_position_ids={self.document_masking}; set both "
                 "true or both false."
             )
+
+    def _check_model_overrides(self) -> None:
+        """Build the fresh model's config now (build.pretraining_model_config adds the tokenizer's ids), so that a shape
+        or flag the architecture refuses fails before any data is read."""
+        if self.init_from is not None:
+            return
+        try:
+            if self.model_type == "apertus":
+                ApertusConfig.from_preset(self.model_preset, **self.model_overrides)
+            else:
+                AutoConfig.for_model(self.model_type, **{**PRESETS[self.model_preset], **self.model_overrides})
+        # transformers' configs are huggingface_hub strict dataclasses: their checks raise StrictDataclassError.
+        except (ValueError, TypeError, StrictDataclassError) as error:
+            raise ValueError(
+                f"model_overrides={self.model_overrides} on preset {self.model_preset!r} do not give a valid {self.model_type} "
+                f"config: {error}"
+            ) from error
 
     def _check_step_schedule(self) -> None:
         for name in ("warmup_samples", "decay_samples"):
