@@ -143,8 +143,9 @@ alignment-tiny: setup $(SFT_MODEL)
 		--output $(ALIGNMENT)/chat.jsonl
 
 # The Apertus report's architecture and optimizer ablations at tiny scale (docs/ablations.md): a Llama-style baseline,
-# +xIELU, +AdEMAMix, +WSD, +Goldfish and the whole recipe, 3 seeds each, the same tokens in the same order; each run in
-# its own `accelerate launch`, resumable, finished runs skipped. Table and plot in outputs/ablations/apertus-tiny/.
+# +QK-norm, +xIELU, +AdEMAMix, +WSD, +Goldfish and the whole recipe, 3 seeds each, the same tokens in the same order;
+# each run in its own `accelerate launch`, resumable, finished runs skipped. Table and plot in
+# outputs/ablations/apertus-tiny/.
 ablation-tiny: setup
 	$(BIN)/python recipes/ablate.py --config recipes/configs/ablations/apertus_tiny.yaml --launcher "$(LAUNCH)"
 
