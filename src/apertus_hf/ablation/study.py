@@ -508,11 +508,12 @@ def run_study(study: AblationStudy, launch: Callable[[str], None]) -> dict[str, 
     runs = resolve_runs(study)
     for config in runs.values():
         check_run_folder(config)
-    for name, status in study_status(study).items():
+    for name, config in runs.items():
+        status = run_status(config, study.bits_per_byte)
         if status == "done":
             logger.info("%s: finished before; skipped.", name)
             continue
         if status == "partial":
             logger.info("%s: resuming.", name)
         launch(name)
-    return study_status(study)
+    return {name: run_status(config, study.bits_per_byte) for name, config in runs.items()}

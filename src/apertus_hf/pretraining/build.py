@@ -7,7 +7,6 @@ model, optimizer and schedule, the resume from the newest usable checkpoint, tra
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..configuration_apertus import PRESETS, ApertusConfig
+from ..configuration_apertus import ApertusConfig
 from ..data import DataSource, PackedBatchCollator, load_documents, tokenize_and_pack
 from ..data.pretokenized import all_pretokenized, blend_pretokenized, last_documents_rows
 from ..optim import AdEMAMix, WSDSchedule, build_parameter_groups
@@ -40,7 +39,7 @@ from ..runtime import (
 )
 from ..tokenization import load_tokenizer
 from .checkpointing import TrainingProgress, load_latest_checkpoint
-from .config import PretrainConfig
+from .config import PretrainConfig, fresh_model_config
 from .logs import CONSOLE, RunLogs
 from .metrics import MetricsFile, StepRecords, peak_flops_per_device, training_flops_per_token
 from .plan import RunPlan
@@ -236,12 +235,7 @@ def pretraining_model_config(
         "pad_token_id": tokenizer.pad_token_id,
         "max_position_embeddings": max(asked, seq_len),
     }
-    if model_type == "apertus":
-        return ApertusConfig.from_preset(preset, **values)
-    # Apertus' embeddings are untied; the baseline keeps that unless the overrides say otherwise.
-    return AutoConfig.for_model(
-        model_type, **{"tie_word_embeddings": False, **copy.deepcopy(PRESETS[preset]), **values}
-    )
+    return fresh_model_config(model_type, preset, values)
 
 
 def _init_config(init_from: str) -> PreTrainedConfig:

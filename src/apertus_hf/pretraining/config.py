@@ -7,6 +7,7 @@ them up to Apertus-8B/70B with the values of the Apertus tech report.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 from huggingface_hub.errors import StrictDataclassError
-from transformers import CONFIG_MAPPING, AutoConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedConfig
 
 from ..configuration_apertus import PRESETS, ApertusConfig
 from ..runtime import check_attn_implementation
@@ -31,6 +32,17 @@ DEFAULT_DATA = [{"path": "data/corpus"}]
 
 PATH_OPTIONS = ("output_dir", "init_from", "tokenizer")
 """The options that hold a path (besides the `path` of each data source)."""
+
+
+def fresh_model_config(model_type: str, preset: str, values: dict[str, Any]) -> PreTrainedConfig:
+    """The config of a fresh model: an ApertusConfig of `preset` with `values`, or for another `model_type` (an
+    ablation baseline such as llama) that type's config with the preset's shapes and `values`."""
+    if model_type == "apertus":
+        return ApertusConfig.from_preset(preset, **values)
+    # Apertus' embeddings are untied; the baseline keeps that unless the values say otherwise.
+    return AutoConfig.for_model(
+        model_type, **{"tie_word_embeddings": False, **copy.deepcopy(PRESETS[preset]), **values}
+    )
 
 
 @dataclass
@@ -531,10 +543,7 @@ class PretrainConfig:
         if self.init_from is not None:
             return
         try:
-            if self.model_type == "apertus":
-                ApertusConfig.from_preset(self.model_preset, **self.model_overrides)
-            else:
-                AutoConfig.for_model(self.model_type, **{**PRESETS[self.model_preset], **self.model_overrides})
+            fresh_model_config(self.model_type, self.model_preset, self.model_overrides)
         # transformers' configs are huggingface_hub strict dataclasses: their checks raise StrictDataclassError.
         except (ValueError, TypeError, StrictDataclassError) as error:
             raise ValueError(
